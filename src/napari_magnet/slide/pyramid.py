@@ -52,8 +52,8 @@ class LevelReader:
     def window(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """``(height, width, 3)`` window inside the level, assembled from cached chunks."""
         if (x % self.chunk_w == 0 and y % self.chunk_h == 0
-                and (width == self.chunk_w or x + width == self.width)
-                and (height == self.chunk_h or y + height == self.height)):
+                and width == min(self.chunk_w, self.width - x)
+                and height == min(self.chunk_h, self.height - y)):
             return self.chunk(y // self.chunk_h, x // self.chunk_w)
         out = np.empty((height, width, 3), dtype=np.uint8)
         for cy in range(y // self.chunk_h, (y + height - 1) // self.chunk_h + 1):

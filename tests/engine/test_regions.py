@@ -1,0 +1,81 @@
+"""The region reader renders level-0 regions from the level they need."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_magnet.engine.regions import RegionReader, child_frames, slide_frame
+from napari_magnet.slide import open_slide
+
+
+def test_layer_one_is_the_slide_resized_and_black_padded(cmu_path):
+    with open_slide(cmu_path) as slide, RegionReader(slide) as reader:
+        frame, visible = slide_frame(slide)
+        batch = reader.read(frame, 56, visible)
+        image = batch.images[0]
+        # 2220 x 2967: width renders as 56 * 2220 / 2967 = 41.9 px, centred → ~7 black columns.
+        assert (image[:, :6] == 0).all() and (image[:, -6:] == 0).all()
+        assert (image[:, 8:-8] > 0).any(axis=-1).all()
+        assert batch.levels.tolist() == [0]
+        assert batch.pixels_read == 2220 * 2967 * 3
+
+
+def test_rendering_matches_a_direct_downscale(cmu_path):
+    """A region read at 112 equals the level-0 crop area-averaged by the same factor."""
+    with open_slide(cmu_path) as slide, RegionReader(slide) as reader:
+        frame = np.array([[400.0, 800.0, 400.0 + 448, 800.0 + 448]])
+        batch = reader.read(frame, 112)
+        crop = slide.read_region((400, 800), 0, (448, 448))
+        expected = F.avg_pool2d(torch.from_numpy(crop).permute(2, 0, 1)[None].float(), 4)
+        expected = expected[0].permute(1, 2, 0).round().numpy()
+        assert np.abs(batch.images[0].astype(float) - expected).max() <= 1
+
+
+def test_regions_are_read_from_the_coarsest_sufficient_level(ndpi_path):
+    with open_slide(ndpi_path) as slide, RegionReader(slide) as reader:
+        frame, visible = slide_frame(slide)
+        assert reader.read(frame, 112, visible).levels.tolist() == [5]
+        small = np.array([[1000.0, 1000.0, 1100.0, 1100.0]])
+        assert reader.read(small, 112).levels.tolist() == [0]
+        paper = RegionReader(slide, rule="paper")
+        assert paper.read(frame, 112, visible).levels.tolist() == [6]
+        paper.close()
+
+
+def test_child_frames_follow_theta_and_stay_inside_parent():
+    frames = np.array([[0.0, 0.0, 1000.0, 1000.0]])
+    visible = np.array([[100.0, 0.0, 900.0, 1000.0]])
+    theta = np.array([[[[1, 0, 0], [0, 1, 0]],            # identity: same frame
+                       [[0.25, 0, 0.5], [0, 0.25, -0.5]],  # quarter size, right-top
+                       [[0.1, 0, -0.95], [0, 0.1, 0]]]],   # crosses the parent's left edge
+                     dtype=float)
+    child, child_visible = child_frames(frames, visible, theta)
+    np.testing.assert_allclose(child[0], frames[0])
+    np.testing.assert_allclose(child_visible[0], visible[0])
+    np.testing.assert_allclose(child[1], [625, 125, 875, 375])
+    assert child_visible[2][0] == pytest.approx(100.0)
+    assert (child_visible[:, :2] >= visible[0, :2] - 1e-9).all()
+    assert (child_visible[:, 2:] <= visible[0, 2:] + 1e-9).all()
+
+
+def test_parallel_reads_equal_serial_reads(cmu_path):
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(0, 1800, 24)
+    y0 = rng.uniform(0, 2500, 24)
+    side = rng.uniform(20, 900, 24)
+    frames = np.stack([x0, y0, x0 + side, y0 + side], axis=1)
+    with open_slide(cmu_path) as slide:
+        with RegionReader(slide, workers=8) as parallel, RegionReader(slide, workers=1) as serial:
+            np.testing.assert_array_equal(parallel.read(frames, 56).images,
+                                          serial.read(frames, 56).images)
+
+
+def test_bad_parameters_are_rejected(cmu_path):
+    with open_slide(cmu_path) as slide:
+        with pytest.raises(ValueError, match="unknown level rule"):
+            RegionReader(slide, rule="closest")
+        with RegionReader(slide) as reader, pytest.raises(ValueError, match="positive"):
+            reader.read(np.array([[0, 0, 10, 10.0]]), 0)
