@@ -1,0 +1,501 @@
+"""Attention sampling (Katharopoulos & Fleuret, ICML 2019; the lymphoma talk 2023) — DESIGN §5.
+
+A small attention network looks at a downscaled *view* of the slide and produces a probability
+distribution over its positions; ``N`` positions are sampled from it, each is read as a
+high-resolution patch from the pyramid, a feature network embeds every patch, and the
+attention-weighted mean of the features (estimated from the samples, see
+:mod:`napari_magnet.models.estimators`) is classified.
+
+Shapes and coordinates (the contract with the engine)
+-----------------------------------------------------
+``view``
+    ``(B, 3, h, w)`` float RGB in ``[0, 1]``: the whole slide (or region) resized, aspect
+    preserved, so that its longer side is ``config.view_size`` (the model accepts any ``h, w``).
+``attention``
+    ``(B, h', w')`` probabilities summing to 1 over all positions. The convolutions are padded
+    ("same"), so ``(h', w') == (h, w)``: attention position ``(r, c)`` is view pixel ``(r, c)``.
+``indices``
+    ``(B, n)`` int64 flat positions ``r * w' + c`` **in sampling order** (first drawn first).
+``centres``
+    ``(B, n, 2)`` patch centres as ``(x, y)`` in view-normalised coordinates ``[0, 1]``:
+    ``x = (c + 0.5) / w'``, ``y = (r + 0.5) / h'`` — the centre of the view pixel (the attention
+    grid spans the view uniformly). The engine maps ``(x, y)`` to level 0 by multiplying with the
+    level-0 width/height of the area the view shows (plus its level-0 offset).
+``read_patches(centres) -> patches``
+    Engine-supplied: ``(B * n, 3, P, P)`` float RGB in ``[0, 1]``, batch-major (row
+    ``b * n + i`` is draw ``i`` of slide ``b``), each centred on its centre and read at
+    ``config.patch_level_scale`` level-0 pixels per patch pixel, i.e. covering
+    ``P * patch_level_scale`` level-0 pixels (4.0 ≈ 10× objective for a 40× scan). The engine
+    picks the pyramid level and resamples; out-of-slide parts are padded (white or black — the
+    model does not care as long as training and inference agree).
+``logits``
+    ``(B, n_classes)``; ``probabilities`` are their softmax.
+
+Imports torch (and the estimators) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .estimators import draw_log_probs, expectation
+
+__all__ = [
+    "ATSConfig",
+    "ATS_CONFIGS",
+    "ATSOutput",
+    "AttentionNet",
+    "FeatureNet",
+    "AttentionSampling",
+    "ats_config",
+    "build_ats",
+    "gumbel_top_k",
+]
+
+
+@dataclass(frozen=True)
+class ATSConfig:
+    """Hyper-parameters of an attention-sampling model (frozen, hashable, JSON-able).
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``"ats"``, ``"ats-p50-n20"``, …).
+    view_size : int
+        Longer side, in pixels, of the downscaled view fed to the attention network (256: the
+        attention map then has up to 65,536 positions and costs ~0.2 MB of RGB).
+    patch_size : int
+        Side ``P`` of each high-resolution patch, in patch pixels (50 in the talk).
+    n_patches : int
+        Number of sampled positions ``N`` (20 in the talk).
+    replace : bool
+        Sample with replacement (categorical) or without (Gumbel-top-k, sampling order).
+    epsilon : float
+        Mixing weight of the uniform distribution: ``a = (1 − ε) softmax + ε / K``; 0 disables.
+    n_classes : int
+        Number of output classes.
+    feature_dim : int
+        Size of the L2-normalised patch feature.
+    patch_level_scale : float
+        Level-0 pixels per patch pixel (a downsample factor relative to level 0): patches are read
+        at this scale, so a patch covers ``patch_size * patch_level_scale`` level-0 pixels.
+    two_level : bool
+        Reserved for the paper's two-level (view → mid-resolution → patch) variant; not
+        implemented, so :class:`AttentionSampling` refuses it.
+    """
+
+    name: str = "ats"
+    view_size: int = 256
+    patch_size: int = 50
+    n_patches: int = 20
+    replace: bool = False
+    epsilon: float = 0.0
+    n_classes: int = 2
+    feature_dim: int = 32
+    patch_level_scale: float = 4.0
+    two_level: bool = False
+
+    def __post_init__(self) -> None:
+        if self.view_size < 1 or self.patch_size < 1 or self.n_patches < 1:
+            raise ValueError("view_size, patch_size and n_patches must be positive")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError("epsilon must be in [0, 1]")
+        if self.n_classes < 1 or self.feature_dim < 1:
+            raise ValueError("n_classes and feature_dim must be positive")
+        if not self.patch_level_scale > 0:
+            raise ValueError("patch_level_scale must be positive")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict of all fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ATSConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ATSConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def canonical_json(self) -> str:
+        """Sorted, compact, ASCII JSON of :meth:`to_dict` (what :meth:`config_hash` hashes)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    def config_hash(self) -> str:
+        """SHA-256 hex digest of :meth:`canonical_json` (the checkpoints' ``config_hash``)."""
+        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+
+def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -> ATSConfig:
+    """An :class:`ATSConfig` named ``ats-p{P}-n{N}`` unless ``name`` is given."""
+    return ATSConfig(
+        name=name or f"ats-p{patch_size}-n{n_patches}", patch_size=patch_size, n_patches=n_patches, **kw
+    )
+
+
+#: Named configurations for the registry: ``"ats"`` (patch 50, 20 patches) and the talk's grid.
+ATS_CONFIGS: dict[str, Callable[[], ATSConfig]] = {
+    "ats": lambda: ats_config(50, 20, name="ats"),
+    "ats-p50-n1": lambda: ats_config(50, 1),
+    "ats-p50-n5": lambda: ats_config(50, 5),
+    "ats-p50-n20": lambda: ats_config(50, 20),
+    "ats-p20-n5": lambda: ats_config(20, 5),
+}
+
+
+class AttentionNet(nn.Module):
+    """Three blocks conv 3×3 (8) + BatchNorm + ReLU, then conv 3×3 → 1 channel of scores."""
+
+    def __init__(self, channels: int = 8, blocks: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for _ in range(blocks):
+            layers += [
+                nn.Conv2d(c_in, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+            c_in = channels
+        layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, view: Tensor) -> Tensor:
+        """``(B, 3, h, w)`` → unnormalised scores ``(B, h, w)``."""
+        return self.net(view).squeeze(1)
+
+
+class FeatureNet(nn.Module):
+    """Four conv 3×3 (16) + ReLU, global max pool, linear, L2 normalisation."""
+
+    def __init__(self, feature_dim: int, channels: int = 16, blocks: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for _ in range(blocks):
+            layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.ReLU(inplace=True)]
+            c_in = channels
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(channels, feature_dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """``(M, 3, P, P)`` → unit-norm features ``(M, feature_dim)``."""
+        h = self.convs(patches).amax(dim=(2, 3))
+        return F.normalize(self.proj(h), dim=1)
+
+
+@dataclass
+class ATSOutput:
+    """What :meth:`AttentionSampling.forward` returns (tensors, batch first).
+
+    Attributes
+    ----------
+    logits : Tensor
+        ``(B, n_classes)``, computed from the surrogate features (value = the estimate).
+    probabilities : Tensor
+        ``(B, n_classes)`` softmax of ``logits``.
+    attention : Tensor
+        ``(B, h', w')`` attention distribution.
+    indices : Tensor
+        ``(B, n)`` flat sampled positions, in sampling order.
+    sampled_attention : Tensor
+        ``(B, n)`` attention probability of each sampled position.
+    draw_log_probs : Tensor
+        ``(B, n)`` log-probability of each draw given the earlier ones (sum = ``log P(s)``).
+    centres : Tensor
+        ``(B, n, 2)`` patch centres, view-normalised ``(x, y)``.
+    features : Tensor
+        ``(B, feature_dim)`` surrogate of the attention-weighted mean feature.
+    patches : Tensor
+        ``(B * n, 3, P, P)`` the patches the feature network saw.
+    """
+
+    logits: Tensor
+    probabilities: Tensor
+    attention: Tensor
+    indices: Tensor
+    sampled_attention: Tensor
+    draw_log_probs: Tensor
+    centres: Tensor
+    features: Tensor
+    patches: Tensor
+
+
+def gumbel_top_k(
+    probabilities: Tensor, n: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Sample ``n`` positions without replacement, ``(B, K)`` → ``(B, n)``, **in sampling order**.
+
+    Perturbing ``log a`` with i.i.d. Gumbel noise and taking the top ``n`` keys, largest first,
+    is distributed exactly like drawing ``n`` times sequentially from ``a`` without replacement
+    (renormalising after each draw): the argmax is the first draw, the next-largest the second,
+    and so on. The order is part of the sample; it is never sorted by position.
+    """
+    if n > probabilities.shape[1]:
+        raise ValueError(f"cannot draw {n} positions without replacement from {probabilities.shape[1]}")
+    dtype = probabilities.dtype if probabilities.dtype == torch.float64 else torch.float32
+    u = torch.rand(probabilities.shape, generator=generator, device=probabilities.device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    u = u.clamp(min=tiny, max=1.0 - torch.finfo(dtype).eps)
+    keys = probabilities.to(dtype).log() - torch.log(-torch.log(u))
+    return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
+
+
+class AttentionSampling(nn.Module):
+    """Attention-sampling classifier (DESIGN §5); see the module docstring for shapes.
+
+    Parameters
+    ----------
+    config : ATSConfig
+        The hyper-parameters; :meth:`config_hash` identifies checkpoints made with them.
+    """
+
+    #: Architecture name recorded in checkpoints (see :mod:`.checkpoints`).
+    architecture: ClassVar[str] = "ats"
+
+    def __init__(self, config: ATSConfig | None = None) -> None:
+        super().__init__()
+        config = config or ATSConfig()
+        if config.two_level:
+            raise NotImplementedError("two-level attention sampling is not implemented")
+        self.config = config
+        self.attention_net = AttentionNet()
+        self.feature_net = FeatureNet(config.feature_dim)
+        self.classifier = nn.Linear(config.feature_dim, config.n_classes)
+        self._last_view_shape: tuple[int, int] | None = None
+
+    @classmethod
+    def from_config(cls, config: ATSConfig | dict) -> AttentionSampling:
+        return cls(config if isinstance(config, ATSConfig) else ATSConfig.from_dict(config))
+
+    # -- parameter groups (two optimizers in REINFORCE training) ------------------------------
+    def attention_parameters(self) -> Iterator[nn.Parameter]:
+        return self.attention_net.parameters()
+
+    def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.feature_net.parameters()
+        yield from self.classifier.parameters()
+
+    # -- the pieces the engine calls ----------------------------------------------------------
+    def attention(self, view: Tensor) -> Tensor:
+        """``view (B, 3, h, w)`` in ``[0, 1]`` → attention ``(B, h, w)``, each map summing to 1.
+
+        Softmax over all positions (computed in at least float32), mixed with the uniform
+        distribution by ``config.epsilon``.
+        """
+        if view.dim() != 4 or view.shape[1] != 3:
+            raise ValueError(f"view must be (B, 3, h, w), got {tuple(view.shape)}")
+        scores = self.attention_net(view)
+        b, h, w = scores.shape
+        flat = scores.reshape(b, h * w)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        a = torch.softmax(flat, dim=1)
+        eps = self.config.epsilon
+        if eps > 0:
+            a = (1.0 - eps) * a + eps / a.shape[1]
+        return a.reshape(b, h, w)
+
+    def sample(
+        self,
+        attention: Tensor,
+        n: int,
+        replace: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` positions from ``attention (B, h', w')``.
+
+        Returns
+        -------
+        indices : Tensor
+            ``(B, n)`` int64 flat positions ``r * w' + c`` in sampling order.
+        probabilities : Tensor
+            ``(B, n)`` their attention values, differentiable w.r.t. the attention.
+
+        ``generator`` must live on the attention's device (a CUDA generator for CUDA tensors).
+        """
+        flat = attention.reshape(attention.shape[0], -1)
+        with torch.no_grad():
+            p = flat.detach()
+            if replace:
+                p = p if p.dtype == torch.float64 else p.float()
+                idx = torch.multinomial(p, n, replacement=True, generator=generator)
+            else:
+                idx = gumbel_top_k(p, n, generator)
+        return idx, flat.gather(1, idx)
+
+    @staticmethod
+    def positions_to_centres(
+        indices: Tensor, att_shape: tuple[int, int], view_shape: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Flat positions ``(B, n)`` → centres ``(B, n, 2)`` as view-normalised ``(x, y)`` in [0, 1].
+
+        The attention grid ``(h', w')`` spans the view uniformly, so the centre of cell
+        ``(r, c)`` is ``((c + 0.5) / w', (r + 0.5) / h')`` whatever the view's pixel size;
+        ``view_shape`` is accepted for the engine's convenience (and checked for a sane aspect).
+        """
+        hp, wp = int(att_shape[0]), int(att_shape[1])
+        if view_shape is not None:
+            hv, wv = int(view_shape[0]), int(view_shape[1])
+            if hv < hp or wv < wp:
+                raise ValueError(f"attention grid {att_shape} is finer than the view {view_shape}")
+        rows = torch.div(indices, wp, rounding_mode="floor")
+        cols = indices - rows * wp
+        dtype = torch.get_default_dtype()
+        x = (cols.to(dtype) + 0.5) / wp
+        y = (rows.to(dtype) + 0.5) / hp
+        return torch.stack([x, y], dim=-1)
+
+    def classify(
+        self,
+        patches: Tensor,
+        attention: Tensor,
+        indices: Tensor,
+        *,
+        replace: bool | None = None,
+        baseline: Tensor | float | None = None,
+        attention_grad: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Classify sampled patches.
+
+        Parameters
+        ----------
+        patches : Tensor
+            ``(B * n, 3, P, P)`` batch-major, in the order of ``indices``.
+        attention : Tensor
+            ``(B, h', w')`` the distribution the indices were drawn from.
+        indices : Tensor
+            ``(B, n)`` flat positions in sampling order.
+        replace : bool, optional
+            How the indices were drawn; defaults to ``config.replace``.
+        baseline : Tensor or float, optional
+            Score-function baseline for the estimator (no effect on the value or the bias).
+        attention_grad : bool
+            ``False`` detaches the attention (REINFORCE training learns it separately).
+
+        Returns
+        -------
+        logits : Tensor
+            ``(B, n_classes)`` = ``classifier(features)``.
+        features : Tensor
+            ``(B, feature_dim)`` surrogate of the attention-weighted mean feature: its value is
+            the estimate ``F̂``, its gradient the unbiased one (:mod:`.estimators`). The classifier
+            is linear, so the logits' gradient is unbiased too.
+        """
+        replace = self.config.replace if replace is None else replace
+        b, n = indices.shape
+        feats = self.feature_net(patches).reshape(b, n, -1)
+        a = attention.reshape(b, -1).gather(1, indices)
+        if not attention_grad:
+            a = a.detach()
+        features = expectation(feats, a.to(feats.dtype), replace, baseline)
+        return self.classifier(features), features
+
+    def forward(
+        self,
+        view: Tensor,
+        read_patches: Callable[[Tensor], Tensor],
+        generator: torch.Generator | None = None,
+        *,
+        n: int | None = None,
+        replace: bool | None = None,
+        baseline: Tensor | float | None = None,
+        attention_grad: bool = True,
+    ) -> ATSOutput:
+        """Attention → sample → read patches → classify; see :class:`ATSOutput`.
+
+        ``read_patches(centres (B, n, 2)) -> (B * n, 3, P, P)``; ``n`` and ``replace`` default
+        to the config's.
+        """
+        n = self.config.n_patches if n is None else n
+        replace = self.config.replace if replace is None else replace
+        att = self.attention(view)
+        self._last_view_shape = (int(view.shape[-2]), int(view.shape[-1]))
+        indices, sampled = self.sample(att, n, replace, generator)
+        centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(view.device)
+        patches = read_patches(centres)
+        p = self.config.patch_size
+        expected = (view.shape[0] * n, 3, p, p)
+        if tuple(patches.shape) != expected:
+            raise ValueError(f"read_patches returned {tuple(patches.shape)}, expected {expected}")
+        patches = patches.to(device=view.device, dtype=view.dtype)
+        logits, features = self.classify(
+            patches, att, indices, replace=replace, baseline=baseline, attention_grad=attention_grad
+        )
+        log_q = draw_log_probs(sampled, replace)
+        return ATSOutput(
+            logits=logits,
+            probabilities=torch.softmax(logits, dim=1),
+            attention=att,
+            indices=indices,
+            sampled_attention=sampled,
+            draw_log_probs=log_q,
+            centres=centres,
+            features=features,
+            patches=patches,
+        )
+
+    def pixels_processed(self, view_shape: tuple[int, int] | None = None) -> int:
+        """RGB values the networks see per slide: ``h * w * 3 + n * P * P * 3``.
+
+        ``view_shape`` defaults to the last forward's view, else ``view_size × view_size``.
+        """
+        if view_shape is None:
+            view_shape = self._last_view_shape or (self.config.view_size, self.config.view_size)
+        h, w = int(view_shape[0]), int(view_shape[1])
+        p = self.config.patch_size
+        return h * w * 3 + self.config.n_patches * p * p * 3
+
+
+def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
+    """Construct a model from a name in :data:`ATS_CONFIGS` or from a config."""
+    if isinstance(name_or_config, str):
+        try:
+            config = ATS_CONFIGS[name_or_config]()
+        except KeyError:
+            raise KeyError(f"unknown ATS config {name_or_config!r}; known: {sorted(ATS_CONFIGS)}") from None
+    else:
+        config = name_or_config
+    return AttentionSampling(config)
+
+
+# ------------------------------------------------------------------------ registry hook-up
+# The registry imports this module on its first lookup (its ``_PLUGIN_MODULES``); registering
+# here makes ``load_model("ats")`` and checkpoints of architecture "ats" work. ``overwrite=True``
+# keeps a re-import idempotent.
+
+
+def _ats_from_dict(config: dict) -> AttentionSampling:
+    """Architecture factory: checkpoint config dict → untrained model (ValueError if unusable)."""
+    try:
+        return AttentionSampling(ATSConfig.from_dict(dict(config)))
+    except NotImplementedError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _named_factory(name: str) -> Callable[[], AttentionSampling]:
+    def factory() -> AttentionSampling:
+        return AttentionSampling(ATS_CONFIGS[name]())
+
+    factory.__name__ = f"build_{name.replace('-', '_')}"
+    return factory
+
+
+def _register() -> None:
+    from . import registry
+
+    registry.register_architecture(AttentionSampling.architecture, _ats_from_dict, overwrite=True)
+    for _name in ATS_CONFIGS:
+        registry.register_config(_name, _named_factory(_name), overwrite=True)
+
+
+_register()
