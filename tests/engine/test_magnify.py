@@ -113,3 +113,32 @@ def test_not_a_model_is_rejected(cmu_path):
 
     with open_slide(cmu_path) as slide, pytest.raises(TypeError, match="not a model"):
         next(magnify(slide, torch.nn.Linear(2, 2), device="cpu"))
+
+
+def test_attention_sampling_through_the_same_stream(cmu_path):
+    model = load_model("ats", device="cpu")
+    with open_slide(cmu_path) as slide:
+        steps, result = run(slide, model)
+        width, height = slide.dimensions
+    (step,) = steps
+    assert step.region_ids == [str(i) for i in range(1, 21)]
+    assert step.parent_ids == [""] * 20
+    boxes = step.boxes
+    assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and ((boxes[:, 3] - boxes[:, 1]) > 0).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all()
+    assert (boxes[:, 3] <= height).all()
+    (attention,) = step.attention_maps
+    assert attention.shape == (256, 256) and attention.sum() == pytest.approx(1.0, abs=1e-4)
+    assert result.pixels_processed == (256 * 256 + 20 * 50 * 50) * 3
+    assert result.model_name == "ats"
+
+
+def test_attention_sampling_patch_count_override(cmu_path):
+    model = load_model("ats", device="cpu")
+    with open_slide(cmu_path) as slide:
+        steps, result = run(slide, model, n_patches=5)
+        assert len(steps[0].region_ids) == 5
+        with pytest.raises(ValueError, match="at least 1"):
+            run(slide, model, n_patches=0)
+        with pytest.raises(ValueError, match="fixed by its architecture"):
+            run(slide, load_model("magnet3-lite", device="cpu"), n_patches=4)

@@ -64,7 +64,8 @@ def mass_inside(maps: np.ndarray, frames: np.ndarray, boxes: np.ndarray,
 
 def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "auto", *,
             box: Box | None = None, rule: str = "enough", keep_patches: bool = False,
-            seed: int = 0) -> Iterator[MagnifyStep | MagnifyResult]:
+            seed: int = 0, n_patches: int | None = None
+            ) -> Iterator[MagnifyStep | MagnifyResult]:
     """Run ``model`` on ``slide``, one magnifying layer at a time.
 
     Parameters
@@ -83,6 +84,9 @@ def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "
         Attach the images each layer's regions were rendered as to the steps.
     seed : int
         Seed for models that sample (attention sampling); a fixed seed makes runs repeatable.
+    n_patches : int, optional
+        Override of the number of patches an attention-sampling model draws. MagNet's
+        patches per layer are part of its architecture and cannot be overridden.
 
     Yields
     ------
@@ -92,9 +96,16 @@ def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "
     model = model.to(dev).eval()
     architecture = getattr(model, "architecture", None)
     if architecture == "magnet":
+        if n_patches is not None:
+            raise ValueError("MagNet's patches per layer are fixed by its architecture; "
+                             "choose magnet3 or magnet4 instead of overriding them")
         runner = _magnify_magnet
     elif architecture == "ats":
-        from .attention import magnify_attention_sampling as runner
+        from functools import partial
+
+        from .attention import magnify_attention_sampling
+
+        runner = partial(magnify_attention_sampling, n_patches=n_patches)
     else:
         raise TypeError(f"cannot magnify with {type(model).__name__}: not a model from "
                         f"load_model (architecture {architecture!r})")
