@@ -1,0 +1,1 @@
+"""napari-magnet benchmarks: ``make bench`` runs :mod:`benchmarks.run`."""
