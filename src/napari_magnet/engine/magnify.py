@@ -111,7 +111,7 @@ def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "
                         f"load_model (architecture {architecture!r})")
     frame, visible = start_region(slide, box)
     start = time.perf_counter()
-    with RegionReader(slide, rule=rule) as reader, torch.inference_mode():
+    with RegionReader(slide, rule=rule, device=dev) as reader, torch.inference_mode():
         result = yield from runner(model, reader, frame, visible, dev, keep_patches, seed)
         result.seconds = time.perf_counter() - start
         result.pixels_read = reader.pixels_read

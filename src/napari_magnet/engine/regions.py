@@ -32,22 +32,28 @@ class RegionBatch:
 
     Attributes
     ----------
-    images : np.ndarray
-        ``(N, size, size, 3)`` uint8; black outside each region's visible box.
+    pixels : torch.Tensor
+        ``(N, 3, size, size)`` uint8 on the reader's device; black outside each region's
+        visible box.
     levels : np.ndarray
         ``(N,)`` pyramid level each region was read from.
     pixels_read : int
         RGB values read from the pyramid for this batch (windows × 3).
     """
 
-    images: np.ndarray
+    pixels: torch.Tensor
     levels: np.ndarray
     pixels_read: int
 
-    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(N, 3, size, size)`` float32 in [0, 1] on ``device``."""
-        tensor = torch.from_numpy(self.images).to(device)
-        return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+    @property
+    def images(self) -> np.ndarray:
+        """``(N, size, size, 3)`` uint8 numpy copy (channels last)."""
+        return self.pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``(N, 3, size, size)`` float32 in [0, 1] on ``device`` (default: where it is)."""
+        tensor = self.pixels if device is None else self.pixels.to(device)
+        return tensor.float().div_(255.0)
 
 
 def slide_frame(slide: Slide) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +112,15 @@ class RegionReader:
         Level rule (see :meth:`SlideGeometry.choose_level`).
     workers : int, optional
         Threads reading regions in parallel (default: CPU count, at most 8).
+    device : torch.device or str
+        Where regions are resampled and returned; on a GPU only the decoded window crosses
+        the bus, once.
     """
 
-    def __init__(self, slide: Slide, rule: str = "enough", workers: int | None = None) -> None:
+    def __init__(self, slide: Slide, rule: str = "enough", workers: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.slide = slide
+        self.device = torch.device(device)
         self.rule = rule
         slide.geometry.choose_level(1, 1, 1, rule=rule)  # validates the rule name
         self.workers = workers or min(os.cpu_count() or 1, 8)
@@ -148,18 +159,20 @@ class RegionReader:
         visible = np.asarray(visible, dtype=np.float64).reshape(-1, 4)
         results = list(self._pool.map(lambda i: self._read_one(frames[i], visible[i], size),
                                       range(len(frames))))
-        images = np.stack([r[0] for r in results]) if results else np.zeros((0, size, size, 3),
-                                                                           np.uint8)
+        if results:
+            images = torch.stack([r[0] for r in results])
+        else:
+            images = torch.zeros((0, 3, size, size), dtype=torch.uint8, device=self.device)
         levels = np.array([r[1] for r in results], dtype=np.int64)
         pixels = int(sum(r[2] for r in results))
         self.pixels_read += pixels
         return RegionBatch(images, levels, pixels)
 
     def _read_one(self, frame: np.ndarray, visible: np.ndarray,
-                  size: int) -> tuple[np.ndarray, int, int]:
+                  size: int) -> tuple[torch.Tensor, int, int]:
         slide = self.slide
         geometry = slide.geometry
-        out = np.zeros((size, size, 3), dtype=np.uint8)
+        out = torch.zeros((3, size, size), dtype=torch.uint8, device=self.device)
         fw, fh = frame[2] - frame[0], frame[3] - frame[1]
         if fw <= 0 or fh <= 0:
             return out, 0, 0
@@ -193,12 +206,11 @@ class RegionReader:
                              (bx1 / scale_x - wx0) / factor, (by1 / scale_y - wy0) / factor]],
                            dtype=torch.float32)
         with torch.inference_mode():
-            source = torch.from_numpy(window).permute(2, 0, 1)[None].float()
+            source = torch.from_numpy(window).to(self.device, non_blocking=True)
+            source = source.permute(2, 0, 1)[None].float()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
-            resampled = roi_align(source, box, output_size=(j1 - j0, i1 - i0),
+            resampled = roi_align(source, box.to(self.device), output_size=(j1 - j0, i1 - i0),
                                   spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-            patch = resampled[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
-        patch = patch.numpy()
-        out[j0:j1, i0:i1] = patch
+            out[:, j0:j1, i0:i1] = resampled[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, level, window.size
