@@ -374,7 +374,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     except KeyError:
         raise CheckpointError(f"{ck.json_path}: unknown architecture {ck.architecture!r}") from None
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{ck.json_path}: invalid {ck.architecture!r} config: {exc}") from None
+        raise CheckpointError(
+            f"{ck.json_path}: invalid {ck.architecture!r} config: {exc}") from None
     load_state_into(model, ck)
     model.model_name = ck.model_name
     model.checkpoint_sha256 = ck.sha256

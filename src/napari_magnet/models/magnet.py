@@ -757,10 +757,14 @@ class MagNet(nn.Module):
                 maps[pi] = torch.full((bn, S, S), 1.0 / (S * S), device=lo.device)
         theta = torch.stack(thetas, dim=1)  # (BN, P, 2, 3)
         prob = torch.stack(maps, dim=1)
-        src = hi.unsqueeze(1).expand(bn, P, 3, Hs, Hs).reshape(bn * P, 3, Hs, Hs)
-        patches = affine_sample(src, theta.reshape(bn * P, 2, 3), out,
-                                align_corners=cfg.align_corners,
-                                linearized=cfg.linearized_sampler)
+        # Sampling runs in (at least) fp32 with autocast off: under bf16 autocast the grid
+        # would be computed in bf16 (8-bit mantissa: ~3 pixels of error across a 448 image).
+        work = torch.promote_types(hi.dtype, torch.float32)
+        src = hi.to(work).unsqueeze(1).expand(bn, P, 3, Hs, Hs).reshape(bn * P, 3, Hs, Hs)
+        with torch.autocast(device_type=hi.device.type, enabled=False):
+            patches = affine_sample(src, theta.reshape(bn * P, 2, 3).to(work), out,
+                                    align_corners=cfg.align_corners,
+                                    linearized=cfg.linearized_sampler)
         return LayerOutput(theta=theta, maps=prob, patches=patches)
 
     # -- heads
@@ -838,7 +842,8 @@ class MagNet(nn.Module):
         aux = {a: self.aux_logit(a, layers[a - 1].patches, b) for a in self.config.aux_layers}
         return MagNetOutput(logit=logit, aux_logits=aux, layers=layers, theta_chains=chains)
 
-    def loss(self, out: MagNetOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: MagNetOutput,
+             labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """MagNet's loss ``L1 + L2 + L3`` for binary slide labels.
 
         * ``L1`` (paradoxical) = ``mean(max(P_a − P_b, 0))`` with ``P`` the probability the

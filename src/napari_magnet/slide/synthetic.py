@@ -14,20 +14,22 @@ either label can carry *distractors* whose mean colour matches the tumour's (den
 lymphocytes, or dark tissue folds), so colour alone cannot separate the classes. Stain
 vectors, stain intensity and glass tone vary with the seed.
 
-How it stays fast (a 100,000 x 100,000 px slide takes a few minutes on two cores):
+How it stays fast (a 100,000 x 100,000 px slide takes about a minute on two cores, with
+a few hundred MB of memory):
 
 * The slide is described at coarse resolution only: a tissue level-set field on a grid of
   about 32 µm cells, two smooth stain-variation fields, and one small level-set grid per
   lesion. Nothing of a full level is ever held in memory.
-* Texture comes from a small bank of *periodic* textures (1024 and 1536 px periods) built
+* Texture comes from a small bank of *periodic* textures (periods of about 0.5 mm) built
   once per slide with FFT-filtered noise and blobs. A tile's texture is a plain slice of
   the bank at the tile's global position, so neighbouring tiles join without seams.
-* Each tile is rendered independently: bilinear interpolation of the coarse fields by two
-  small matrix products, a few numpy blends, then JPEG encoding in a thread pool (numpy
-  and libjpeg-turbo release the GIL). Glass tiles are encoded once and their bytes
-  reused; tifffile receives an iterator of already-encoded tiles.
+* Each tile is rendered independently: bilinear interpolation of the coarse fields, a few
+  numpy blends on the tile viewed as (T, 3T), then JPEG encoding, in a thread pool
+  (numpy and libjpeg-turbo release the GIL). Glass tiles are encoded once and their
+  bytes reused; tifffile receives an iterator of already-encoded tiles.
 * Lower pyramid levels are rendered at their own resolution from the same description
-  (with block-averaged textures), not by downsampling level 0.
+  (with block-averaged textures), not by downsampling level 0. Their mean colours match
+  the downsampled level 0.
 
 The module imports neither torch nor napari.
 """
@@ -89,9 +91,12 @@ _FIT = 0.8  # a lesion's box may use at most this fraction of the slide's shorte
 _FORMAT = "napari-magnet-synthetic-slide"
 _VERSION = 1
 
-# Texture periods in level-0 pixels (both divisible by 4**4 = 256 and by 3 * 512).
-_P_SMALL = 1024
-_P_LARGE = 1536
+# Texture periods: about 0.5 mm, in level-0 pixels a power of two between 256 and 1024 (the
+# second texture of each kind has 1.5 times that period, so their mix repeats only every
+# 3 periods). Block means are exact while period / downsample is an integer >=
+# _MIN_PERIOD_PX; coarser levels use the mean colour.
+_PERIOD_UM = 512.0
+_PERIOD_RANGE = (256, 1024)
 _MIN_PERIOD_PX = 16  # below this a level's texture is its mean colour
 
 
@@ -358,18 +363,23 @@ def _noise(
 
     ``sigma`` is the smoothing length in pixels; with ``sigma_hi`` the result is band-pass
     (smoothed at ``sigma`` minus smoothed at ``sigma_hi``); with ``aniso=(ratio, angle)`` the
-    smoothing is ``sigma * ratio`` along ``angle`` and ``sigma`` across it.
+    smoothing is ``sigma * ratio`` along ``angle`` and ``sigma`` across it. The noise is
+    synthesised directly in the Fourier domain (one inverse FFT).
     """
-    white = rng.standard_normal(shape, dtype=np.float32)
-    spec = np.fft.rfft2(white)
     fy, fx = _fft_freqs(shape)
+    half = (shape[0], fx.shape[1])
+    spec = np.empty(half, np.complex64)
+    spec.real = rng.standard_normal(half, dtype=np.float32)
+    spec.imag = rng.standard_normal(half, dtype=np.float32)
     if aniso is not None:
         tf = _gauss_tf(fy, fx, sigma * aniso[0], sigma, aniso[1])
     else:
         tf = _gauss_tf(fy, fx, sigma)
     if sigma_hi is not None:
         tf = tf - _gauss_tf(fy, fx, sigma_hi)
-    out = np.fft.irfft2(spec * tf, s=shape).astype(np.float32)
+    spec *= tf
+    spec[0, 0] = 0.0
+    out = np.fft.irfft2(spec, s=shape).astype(np.float32)
     out -= out.mean()
     std = float(out.std())
     return out / std if std > 0 else out
@@ -382,41 +392,52 @@ def _blobs(
     radius_px: float,
     weights: tuple[float, float] = (0.8, 1.2),
     elong: float = 1.0,
-    orientations: int = 6,
+    orientations: int = 4,
     density: np.ndarray | None = None,
+    jitter: float | None = None,
 ) -> np.ndarray:
-    """Periodic field of Gaussian blobs scaled so that a weight-1 blob peaks at 1.
+    """Periodic field of Gaussian blobs scaled so that a weight-1 blob peaks at 5.
 
     Thresholding at 0.5 gives discs of about ``radius_px`` (ellipses ``elong`` times longer
-    for ``elong > 1``). ``density`` (optional, same size, >= 0) thins the points by
-    rejection so that they cluster where it is high.
+    for ``elong > 1``, in ``orientations`` directions). ``density`` (optional, same size,
+    in [0, 1]) thins the points by rejection so that they cluster where it is high. With
+    ``jitter`` (fraction of the spacing) the points form a jittered lattice instead of a
+    Poisson process, as cells in a cohesive sheet do.
     """
     if count <= 0:
         return np.zeros((size, size), np.float32)
-    ys = rng.integers(0, size, count)
-    xs = rng.integers(0, size, count)
-    w = rng.uniform(weights[0], weights[1], count).astype(np.float32)
+    if jitter is None:  # Poisson points: clumps and gaps
+        ys = rng.integers(0, size, count)
+        xs = rng.integers(0, size, count)
+    else:  # jittered lattice: packed cells that rarely overlap
+        n = max(1, int(round(math.sqrt(count))))
+        cell = size / n
+        gy, gx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        jy = rng.uniform(-jitter, jitter, n * n)
+        jx = rng.uniform(-jitter, jitter, n * n)
+        ys = ((gy.ravel() + 0.5 + jy) * cell).astype(np.int64) % size
+        xs = ((gx.ravel() + 0.5 + jx) * cell).astype(np.int64) % size
+        count = n * n
+    w = rng.uniform(weights[0], weights[1], count)
     if density is not None:
         keep = rng.random(count) < density[ys, xs]
         ys, xs, w = ys[keep], xs[keep], w[keep]
-    sigma = max(radius_px / 1.1774, 0.35)  # exp(-r^2 / 2 s^2) = 1/2 at r = radius
+    # Narrow Gaussians scaled by 5: the 0.5 level is at a tenth of a blob's peak, so the
+    # tails of packed neighbours do not add up into bridges between them.
+    sigma = max(radius_px / 2.146, 0.35)  # 5 exp(-r^2 / 2 s^2) = 1/2 at r = radius
     fy, fx = _fft_freqs((size, size))
-    out = np.zeros((size, size), np.float32)
     groups = orientations if elong > 1.0 else 1
     gid = rng.integers(0, groups, ys.size)
+    acc = None
     for g in range(groups):
         sel = gid == g
-        if not sel.any():
-            continue
-        img = np.zeros((size, size), np.float32)
+        img = np.zeros((size, size), np.float64)
         np.add.at(img, (ys[sel], xs[sel]), w[sel])
         su = sigma * elong
-        angle = math.pi * g / groups
-        tf = _gauss_tf(fy, fx, su, sigma, angle)
-        out += np.fft.irfft2(np.fft.rfft2(img) * tf, s=(size, size)).astype(np.float32) * (
-            2.0 * math.pi * su * sigma
-        )
-    return out
+        tf = _gauss_tf(fy, fx, su, sigma, math.pi * g / groups) * (10.0 * math.pi * su * sigma)
+        part = np.fft.rfft2(img) * tf
+        acc = part if acc is None else acc + part
+    return np.fft.irfft2(acc, s=(size, size)).astype(np.float32)
 
 
 def _soft(x: np.ndarray, lo: float, width: float) -> np.ndarray:
@@ -436,19 +457,16 @@ def _tex_normal(rng: np.random.Generator, size: int, mpp: float, fibrous: bool):
     """Normal lymph-node/stroma tissue: small round lymphocytes, spindle nuclei, fibres."""
     um = 1.0 / mpp
     lymph = _blobs(
-        rng, size, _count(1400 if fibrous else 3200, size, mpp), 3.3 * um, (0.75, 1.25)
+        rng, size, _count(1600 if fibrous else 4200, size, mpp), 3.3 * um, (0.75, 1.25)
     )
     spindle = _blobs(
         rng, size, _count(900 if fibrous else 450, size, mpp), 2.0 * um, (0.8, 1.2), elong=3.0
     )
     nuc = np.maximum(_soft(lymph, 0.5, 0.25), _soft(spindle, 0.5, 0.25))
     fib = _noise(rng, (size, size), 1.5 * um, aniso=(5.0 if fibrous else 3.0, rng.uniform(0, 3.14)))
-    low = _noise(rng, (size, size), 25.0 * um)
-    e = (0.36 if fibrous else 0.30) + (0.13 if fibrous else 0.09) * fib + 0.05 * low
-    if fibrous:  # fat vacuoles: large empty rounded spaces
-        fat = _soft(_blobs(rng, size, _count(90, size, mpp), 32.0 * um, (0.8, 1.3)), 0.5, 0.08)
-        e = e * (1.0 - 0.92 * fat)
-        nuc = nuc * (1.0 - fat)
+    # (no rare, conspicuous features such as fat cells: the texture repeats with its
+    # period, and only a statistically uniform texture hides that at low magnification)
+    e = (0.36 if fibrous else 0.30) + (0.13 if fibrous else 0.09) * fib
     chrom = _noise(rng, (size, size), 0.6 * um)
     h = 0.035 + nuc * (0.85 + 0.12 * chrom)
     e = np.clip(e * (1.0 - 0.55 * nuc), 0.02, None)
@@ -456,20 +474,27 @@ def _tex_normal(rng: np.random.Generator, size: int, mpp: float, fibrous: bool):
 
 
 def _tex_tumour(rng: np.random.Generator, size: int, mpp: float):
-    """Carcinoma metastasis: nests of large, pleomorphic, hyperchromatic nuclei."""
+    """Carcinoma metastasis: cohesive nests of large, pleomorphic, vesicular nuclei."""
     um = 1.0 / mpp
-    nests = _noise(rng, (size, size), 18.0 * um)
-    stroma = _soft(-np.abs(nests), -0.18, 0.12)  # thin septa between nests
-    dens = 1.0 - 0.95 * stroma
+    nests = _noise(rng, (size, size), 22.0 * um)
+    stroma = _soft(-np.abs(nests), -0.16, 0.1)  # thin fibrous septa between nests
     field = _blobs(
-        rng, size, _count(5200, size, mpp), 6.2 * um, (0.6, 1.5), elong=1.35, density=dens
+        rng,
+        size,
+        _count(1e6 / 15.5**2, size, mpp),
+        5.0 * um,
+        (0.65, 1.6),
+        elong=1.35,
+        density=1.0 - 0.97 * stroma,
+        jitter=0.32,
     )
-    field += 0.22 * _noise(rng, (size, size), 1.6 * um)  # irregular nuclear outlines
-    nuc = _soft(field, 0.5, 0.2)
-    chrom = _noise(rng, (size, size), 0.8 * um)
-    nucleoli = _soft(_blobs(rng, size, _count(4000, size, mpp), 1.0 * um), 0.5, 0.3) * nuc
-    h = 0.13 * (1.0 - stroma) + 0.03 + nuc * (1.0 + 0.22 * chrom) + 0.45 * nucleoli
-    e = 0.27 + 0.06 * _noise(rng, (size, size), 2.0 * um) + 0.22 * stroma
+    field += 0.22 * _noise(rng, (size, size), 1.2 * um)  # irregular nuclear outlines
+    nuc = _soft(field, 0.5, 0.3)
+    core = _soft(field, 3.0, 1.5)  # pale centre: vesicular chromatin
+    chrom = _noise(rng, (size, size), 0.7 * um)
+    nucleoli = _soft(_blobs(rng, size, _count(3500, size, mpp), 1.1 * um), 0.5, 0.3) * core
+    h = 0.03 + 0.14 * (1.0 - stroma) + nuc * (1.05 + 0.2 * chrom) - 0.3 * core + 0.7 * nucleoli
+    e = 0.27 + 0.05 * _noise(rng, (size, size), 2.0 * um) + 0.25 * stroma
     e = np.clip(e * (1.0 - 0.45 * nuc), 0.02, None)
     return h.astype(np.float32), e.astype(np.float32)
 
@@ -477,7 +502,7 @@ def _tex_tumour(rng: np.random.Generator, size: int, mpp: float):
 def _tex_follicle(rng: np.random.Generator, size: int, mpp: float):
     """Distractor: packed, uniform small lymphocytes (a dense follicle)."""
     um = 1.0 / mpp
-    lymph = _blobs(rng, size, _count(13000, size, mpp), 2.9 * um, (0.9, 1.1))
+    lymph = _blobs(rng, size, _count(1e6 / 8.0**2, size, mpp), 2.9 * um, (0.85, 1.15), jitter=0.3)
     nuc = _soft(lymph, 0.5, 0.25)
     chrom = _noise(rng, (size, size), 0.6 * um)
     h = 0.06 + nuc * (1.0 + 0.1 * chrom)
@@ -507,7 +532,7 @@ def _draw_stain(rng: np.random.Generator) -> _Stain:
 
     h = unit(np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.04, 3)) * rng.uniform(0.8, 1.25)
     e = unit(np.array([0.07, 0.99, 0.11]) + rng.normal(0, 0.04, 3)) * rng.uniform(0.7, 1.3)
-    bg = np.clip(rng.uniform(0.015, 0.07) + rng.normal(0, 0.008, 3), 0.004, None)
+    bg = np.clip(rng.uniform(0.015, 0.06) + rng.normal(0, 0.003, 3), 0.004, None)
     return _Stain(h.astype(np.float32), e.astype(np.float32), bg.astype(np.float32))
 
 
@@ -531,17 +556,6 @@ def _match_mean(stain: _Stain, h: np.ndarray, e: np.ndarray, target_mean: float)
     return h * k, e * k
 
 
-def _random_symmetry(rng: np.random.Generator, a: np.ndarray) -> np.ndarray:
-    a = np.roll(a, (int(rng.integers(a.shape[0])), int(rng.integers(a.shape[1]))), axis=(0, 1))
-    if rng.random() < 0.5:
-        a = a[::-1]
-    if rng.random() < 0.5:
-        a = a[:, ::-1]
-    if rng.random() < 0.5:
-        a = np.swapaxes(a, 0, 1)
-    return np.ascontiguousarray(a)
-
-
 @dataclass
 class _Canvas:
     """A periodic texture at one level, extended by one tile so any tile is a slice."""
@@ -554,23 +568,11 @@ class _Canvas:
         return self.data[oy : oy + t, ox : ox + t]
 
 
-def _canvas(tex: np.ndarray, d: int, t: int) -> _Canvas:
-    period0 = tex.shape[0]
-    if period0 // d >= _MIN_PERIOD_PX and period0 % d == 0:
-        p = period0 // d
-        if d > 1:
-            shape = (p, d, p, d) + tex.shape[2:]
-            low = tex.reshape(shape).astype(np.float32).mean(axis=(1, 3))
-            low = np.rint(low).astype(tex.dtype) if tex.dtype == np.uint8 else low.astype(tex.dtype)
-        else:
-            low = tex
-    else:
-        p = _MIN_PERIOD_PX
-        mean = tex.astype(np.float32).mean(axis=(0, 1))
-        mean = np.rint(mean).astype(tex.dtype) if tex.dtype == np.uint8 else mean.astype(tex.dtype)
-        low = np.broadcast_to(mean, (p, p) + tex.shape[2:])
+def _canvas(tex: np.ndarray, t: int) -> _Canvas:
+    """A periodic (p, p, c) texture extended by one tile, so that any tile is a slice."""
+    p = tex.shape[0]
     reps = -(-(p + t) // p)
-    big = np.tile(low, (reps, reps) + (1,) * (tex.ndim - 2))[: p + t, : p + t]
+    big = np.tile(tex, (reps, reps, 1))[: p + t, : p + t]
     return _Canvas(np.ascontiguousarray(big), p)
 
 
@@ -587,6 +589,7 @@ class _LesionRender:
     oy: float
     cell: float  # level-0 px between grid samples
     field: np.ndarray  # (gh, gw) float32 signed distance, px, > 0 inside
+    rag: float  # amplitude (level-0 px) of the ragged border
 
 
 @dataclass
@@ -599,12 +602,18 @@ class _Plan:
     sizes: list[tuple[int, int]]
     downs: list[int]
     cell: int  # level-0 px per coarse grid cell
-    fields: np.ndarray  # (3, gh, gw): tissue signed distance (px), mix weight w, stain s
+    fields: np.ndarray  # (3, gh, gw): tissue signed distance (px), weights of A and of B
     rag_amp: float  # px amplitude of the ragged tissue border
     lesions: list[_LesionRender]
     glass_rgb: np.ndarray  # (3,) uint8
     glass_inv: np.ndarray  # (3,) float32
     canvases: list[dict[str, _Canvas]] = field(default_factory=list)
+
+
+def _texture_period(mpp: float) -> int:
+    """Period (level-0 px) of the smaller textures of the bank at ``mpp``."""
+    p = 1 << int(round(math.log2(_PERIOD_UM / mpp)))
+    return int(min(max(p, _PERIOD_RANGE[0]), _PERIOD_RANGE[1]))
 
 
 def _grid_cell(width: int, height: int, mpp: float) -> int:
@@ -618,58 +627,77 @@ def _grid_cell(width: int, height: int, mpp: float) -> int:
     return cell
 
 
-def _tissue_field(
-    rng: np.random.Generator, width: int, height: int, cell: int
-) -> tuple[np.ndarray, float]:
-    """Signed distance-like field (level-0 px, > 0 inside tissue) on the coarse grid."""
+def _tissue_field(rng: np.random.Generator, width: int, height: int, cell: int) -> np.ndarray:
+    """Signed distance-like field (level-0 px, > 0 inside tissue) on the coarse grid.
+
+    One to three main pieces (noisy ellipses) along the slide's longer side, plus up to
+    three small fragments. The noise fades outside each ellipse so that tissue keeps clear
+    of the slide border.
+    """
     gw, gh = -(-width // cell) + 1, -(-height // cell) + 1
     xs = (np.arange(gw, dtype=np.float32) + 0.5) * cell
     ys = (np.arange(gh, dtype=np.float32) + 0.5) * cell
-    n_pieces = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     horizontal = width >= height
     long_side, short_side = (width, height) if horizontal else (height, width)
+    n_pieces = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     slot = long_side / n_pieces
     scale_cells = min(width, height) / cell
     n1 = _noise(rng, (gh, gw), max(0.07 * scale_cells, 0.7))
     n2 = _noise(rng, (gh, gw), max(0.02 * scale_cells, 0.5))
-    f = np.full((gh, gw), -np.inf, np.float32)
+    n3 = _noise(rng, (gh, gw), max(0.006 * scale_cells, 0.5))
+    pieces = []
     for i in range(n_pieces):
-        c_long = (i + 0.5) * slot + rng.uniform(-0.06, 0.06) * slot
-        c_short = short_side * (0.5 + rng.uniform(-0.08, 0.08))
-        a = rng.uniform(0.30, 0.42) * min(slot, 1.6 * short_side)  # semi-axis along long side
-        b = rng.uniform(0.30, 0.40) * short_side
+        c_long = (i + 0.5 + rng.uniform(-0.04, 0.04)) * slot
+        c_short = short_side * (0.5 + rng.uniform(-0.05, 0.05))
+        a = rng.uniform(0.24, 0.32) * min(slot, 1.5 * short_side)  # semi-axis along long side
+        b = rng.uniform(0.24, 0.31) * short_side
+        pieces.append((c_long, c_short, a, b, 1.0))
+    for _ in range(int(rng.choice([0, 1, 2, 3], p=[0.3, 0.3, 0.25, 0.15]))):
+        b = rng.uniform(0.015, 0.05) * short_side
+        pieces.append(
+            (
+                rng.uniform(0.1, 0.9) * long_side,
+                rng.uniform(0.12, 0.88) * short_side,
+                b * rng.uniform(1.0, 1.8),
+                b,
+                0.6,
+            )
+        )
+    f = np.full((gh, gw), -np.inf, np.float32)
+    for c_long, c_short, a, b, amp in pieces:
         cx, cy = (c_long, c_short) if horizontal else (c_short, c_long)
         ax, by = (a, b) if horizontal else (b, a)
-        th = rng.uniform(-0.4, 0.4)
+        th = rng.uniform(-0.5, 0.5)
         c, s = math.cos(th), math.sin(th)
         dx = xs[None, :] - cx
         dy = ys[:, None] - cy
         u = (dx * c + dy * s) / ax
         v = (-dx * s + dy * c) / by
         rho = np.sqrt(u * u + v * v)
-        geo = math.sqrt(ax * by)
-        fp = (1.0 - rho + 0.22 * n1 + 0.07 * n2) * geo
+        env = amp * np.exp(-((np.maximum(rho - 1.0, 0.0) / 0.35) ** 2))
+        fp = (1.0 - rho + env * (0.24 * n1 + 0.08 * n2 + 0.035 * n3)) * math.sqrt(ax * by)
         f = np.maximum(f, fp.astype(np.float32))
-    # keep a margin of glass along the slide border
-    margin = 0.03 * min(width, height)
+    # safety: never touch the slide border
+    margin = 0.02 * min(width, height)
     border = np.minimum(
         np.minimum(xs[None, :], width - xs[None, :]), np.minimum(ys[:, None], height - ys[:, None])
     )
-    f = np.minimum(f, (border - margin).astype(np.float32))
-    return f.astype(np.float32), float(min(width, height))
+    return np.minimum(f, (border - margin).astype(np.float32))
 
 
 def _polar_shape(rng: np.random.Generator, irregular: float) -> tuple[np.ndarray, np.ndarray]:
-    ks = np.arange(2, 7)
-    amps = rng.uniform(0, 1, ks.size) / ks
+    ks = np.arange(2, 13)
+    amps = rng.uniform(0, 1, ks.size) / ks**1.3
     amps *= irregular / max(amps.sum(), 1e-6)
     phases = rng.uniform(0, 2 * math.pi, ks.size)
     return amps, phases
 
 
 def _radius(theta: np.ndarray, amps: np.ndarray, phases: np.ndarray) -> np.ndarray:
-    k = np.arange(2, 2 + amps.size)
-    return 1.0 + np.sum(amps[:, None] * np.cos(k[:, None] * theta.ravel()[None, :] + phases[:, None]), 0).reshape(theta.shape)
+    """Radius (in units of the mean radius) of a lesion outline at angles ``theta``."""
+    k = np.arange(2, 2 + amps.size)[:, None]
+    waves = amps[:, None] * np.cos(k * theta.ravel()[None, :] + phases[:, None])
+    return (1.0 + waves.sum(axis=0)).reshape(theta.shape)
 
 
 def _make_lesion(
@@ -678,11 +706,14 @@ def _make_lesion(
     texture: str,
     size_mm: float,
     measure: str,
-    cx: float,
-    cy: float,
     mpp: float,
+    reach: float,
 ) -> tuple[tuple[float, float, float, float], Callable[[float, float], _LesionRender]]:
-    """Shape a lesion; return its box and a function placing it at (cx, cy)."""
+    """Shape a lesion; return its box offsets and a function placing it at (x, y).
+
+    ``size_mm`` is the box's longer side (``measure="box"``) or the largest diameter
+    (``measure="diameter"``). The level-set grid extends ``reach`` px beyond the box.
+    """
     if texture == "fold":
         ecc = rng.uniform(0.08, 0.2)
         irregular = rng.uniform(0.02, 0.08)
@@ -712,8 +743,10 @@ def _make_lesion(
     def place(x: float, y: float) -> _LesionRender:
         box = (x + ext[0], y + ext[1], x + ext[2], y + ext[3])
         span = max(box[2] - box[0], box[3] - box[1])
-        cell = max(1.0, span / 96.0)
-        pad = 4.0 * cell + 8.0
+        rag = min(20.0 / mpp, 0.05 * span)
+        pad = reach + rag + 8.0
+        cell = max(1.0, min(span / 96.0, (span + 2 * pad) / 192.0))
+        pad += 2.0 * cell
         ox, oy = box[0] - pad, box[1] - pad
         gw = int(math.ceil((box[2] - box[0] + 2 * pad) / cell)) + 1
         gh = int(math.ceil((box[3] - box[1] + 2 * pad) / cell)) + 1
@@ -728,7 +761,7 @@ def _make_lesion(
         # divide by |grad rho| (level-0 px) to get an approximate signed distance
         grad = np.sqrt(u * u + (v / ecc) ** 2) / np.maximum(rho, 1e-9) / radius
         fld = ((rr - rho) / np.maximum(grad, 1e-12)).astype(np.float32)
-        return _LesionRender(Lesion(kind, box), texture, ox, oy, cell, fld)
+        return _LesionRender(Lesion(kind, box), texture, ox, oy, cell, fld, rag)
 
     return ext, place
 
@@ -742,7 +775,10 @@ def _plan_lesions(
     kind: str,
     tissue: np.ndarray,
     cell: int,
+    max_down: int,
 ) -> list[_LesionRender]:
+    """Draw and place the tumour lesions and distractors of a slide."""
+    reach = 3.0 * 1.5 * max_down  # how far beyond its box a lesion's grid must reach
     specs: list[tuple[str, str, float, str]] = []  # (kind, texture, size mm, measure)
     room_mm = _FIT * min(width, height) * mpp / 1000.0
 
@@ -770,7 +806,7 @@ def _plan_lesions(
     gh, gw = tissue.shape
     out: list[_LesionRender] = []
     for kind_i, texture, size_mm, measure in specs:
-        ext, place = _make_lesion(rng, kind_i, texture, size_mm, measure, 0, 0, mpp)
+        ext, place = _make_lesion(rng, kind_i, texture, size_mm, measure, mpp, reach)
         half = max(ext[2] - ext[0], ext[3] - ext[1]) / 2
         # candidate centres: inside the slide with the box, deep enough in tissue
         xs = (np.arange(gw) + 0.5) * cell
@@ -778,8 +814,6 @@ def _plan_lesions(
         okx = (xs + ext[0] >= 1) & (xs + ext[2] <= width - 1)
         oky = (ys + ext[1] >= 1) & (ys + ext[3] <= height - 1)
         inside = okx[None, :] & oky[:, None]
-        if not inside.any():
-            continue
         chosen = None
         for depth in (0.6 * half, 0.3 * half, 0.0, -np.inf):
             cand = np.argwhere(inside & (tissue >= depth))
@@ -800,17 +834,21 @@ def _plan_lesions(
             if chosen is not None:
                 break
         if chosen is None:
-            if kind_i == "distractor" or out:
-                continue  # optional lesion that does not fit: leave it out
-            # the primary tumour must exist: accept an overlap-free spot is impossible only
-            # when nothing else is placed, so take the deepest valid centre
-            iy, ix = np.unravel_index(np.argmax(np.where(inside, tissue, -np.inf)), tissue.shape)
-            chosen = (float(xs[ix]), float(ys[iy]))
+            if out:
+                continue  # a satellite or distractor that does not fit: leave it out
+            # the primary tumour always exists (the spec checked that it fits the slide):
+            # centre it when no grid position keeps its box inside the slide
+            chosen = (width / 2 - (ext[0] + ext[2]) / 2, height / 2 - (ext[1] + ext[3]) / 2)
         out.append(place(*chosen))
     return out
 
 
 def _build_plan(spec: SyntheticSlideSpec) -> tuple[_Plan, int, str]:
+    """Everything a tile needs: layout, lesions, stain, texture bank; plus label and class.
+
+    Each part draws from its own child of the seed, so that (for example) the label does
+    not change the tissue layout.
+    """
     seq = np.random.SeedSequence(spec.seed)
     r_label, r_tissue, r_lesion, r_stain, r_tex, r_fields = (
         np.random.default_rng(s) for s in seq.spawn(6)
@@ -831,12 +869,18 @@ def _build_plan(spec: SyntheticSlideSpec) -> tuple[_Plan, int, str]:
             kind = "negative"
     sizes, downs = _level_sizes(spec.width, spec.height)
     cell = _grid_cell(spec.width, spec.height, spec.mpp)
-    tissue, _ = _tissue_field(r_tissue, spec.width, spec.height, cell)
+    tissue = _tissue_field(r_tissue, spec.width, spec.height, cell)
     gh, gw = tissue.shape
     scale = max(400.0 / spec.mpp / cell, 0.7)
-    w = 1.0 / (1.0 + np.exp(-1.6 * _noise(r_fields, (gh, gw), scale)))
+    # stain variation: mix of the two normal textures (w) and stain strength (s),
+    # stored as the weights of texture A (s * (1 - w)) and texture B (s * w)
+    mix = _noise(r_fields, (gh, gw), scale) + 0.5 * _noise(r_fields, (gh, gw), 0.25 * scale)
+    w = 1.0 / (1.0 + np.exp(-1.5 * mix))
     s = np.clip(1.0 + 0.07 * _noise(r_fields, (gh, gw), 2.5 * scale), 0.82, 1.15)
-    lesions = _plan_lesions(r_lesion, spec.width, spec.height, spec.mpp, label, kind, tissue, cell)
+    wa, wb = (s * (1.0 - w)).astype(np.float32), (s * w).astype(np.float32)
+    lesions = _plan_lesions(
+        r_lesion, spec.width, spec.height, spec.mpp, label, kind, tissue, cell, downs[-1]
+    )
     stain = _draw_stain(r_stain)
     glass = stain.glass
     plan = _Plan(
@@ -848,7 +892,7 @@ def _build_plan(spec: SyntheticSlideSpec) -> tuple[_Plan, int, str]:
         sizes=sizes,
         downs=downs,
         cell=cell,
-        fields=np.stack([tissue, w.astype(np.float32), s.astype(np.float32)]),
+        fields=np.stack([tissue, wa, wb]),
         rag_amp=20.0 / spec.mpp,
         lesions=lesions,
         glass_rgb=np.clip(np.rint(glass), 0, 255).astype(np.uint8),
@@ -857,21 +901,41 @@ def _build_plan(spec: SyntheticSlideSpec) -> tuple[_Plan, int, str]:
     # texture bank
     tex: dict[str, np.ndarray] = {}
     mpp = spec.mpp
-    h, e = _tex_normal(r_tex, _P_SMALL, mpp, fibrous=False)
-    tex["A"] = _inv_uint8(stain.rgb(_random_symmetry(r_tex, h), _random_symmetry(r_tex, e)))
-    h, e = _tex_normal(r_tex, _P_LARGE, mpp, fibrous=True)
+    p_small = _texture_period(mpp)
+    p_large = 3 * p_small // 2
+    h, e = _tex_normal(r_tex, p_small, mpp, fibrous=False)
+    tex["A"] = _inv_uint8(stain.rgb(h, e))
+    h, e = _tex_normal(r_tex, p_large, mpp, fibrous=True)
     tex["B"] = _inv_uint8(stain.rgb(h, e))
-    h, e = _tex_tumour(r_tex, _P_SMALL, mpp)
+    h, e = _tex_tumour(r_tex, p_small, mpp)
     tum_rgb = stain.rgb(h, e)
     tex["TA"] = _inv_uint8(tum_rgb)
-    h, e = _tex_tumour(r_tex, _P_LARGE, mpp)
+    h, e = _tex_tumour(r_tex, p_large, mpp)
     tex["TB"] = _inv_uint8(stain.rgb(h, e))
-    h, e = _tex_follicle(r_tex, _P_SMALL, mpp)
+    h, e = _tex_follicle(r_tex, p_small, mpp)
     h, e = _match_mean(stain, h, e, float(tum_rgb.mean()))
     tex["D"] = _inv_uint8(stain.rgb(h, e))
-    tex["R"] = np.clip(_noise(r_tex, (_P_SMALL, _P_SMALL), 8.0 / mpp, 40.0 / mpp) / 2.5, -1, 1)
-    for d in downs:
-        plan.canvases.append({k: _canvas(v, d, spec.tile) for k, v in tex.items()})
+    rag = np.clip(_noise(r_tex, (p_small, p_small), 8.0 / mpp, 40.0 / mpp) / 2.5, -1, 1)
+    tex["R"] = np.repeat(np.rint(rag * 127).astype(np.int8)[..., None], 3, axis=2)
+    # level textures: d x d block means, each level from the previous one (factor 4);
+    # a period that would drop below _MIN_PERIOD_PX becomes the mean colour
+    cur: dict[str, np.ndarray] = dict(tex)
+    f = _LEVEL_FACTOR
+    for i in range(len(downs)):
+        level = {}
+        for name, base in tex.items():
+            if i > 0:
+                prev = cur[name]
+                q, c = prev.shape[0] // f, prev.shape[2]
+                if prev.shape[0] % f == 0 and q >= _MIN_PERIOD_PX:
+                    cur[name] = prev.reshape(q, f, q, f, c).mean(axis=(1, 3), dtype=np.float32)
+                else:
+                    mean = prev.mean(axis=(0, 1), dtype=np.float32)
+                    cur[name] = np.broadcast_to(mean, (_MIN_PERIOD_PX, _MIN_PERIOD_PX, c))
+            level[name] = _canvas(
+                base if i == 0 else np.rint(cur[name]).astype(base.dtype), spec.tile
+            )
+        plan.canvases.append(level)
     return plan, label, kind
 
 
@@ -880,36 +944,80 @@ def _build_plan(spec: SyntheticSlideSpec) -> tuple[_Plan, int, str]:
 # --------------------------------------------------------------------------------------
 
 
-def _interp_matrix(coords: np.ndarray, n: int) -> tuple[int, int, np.ndarray]:
-    """Bilinear weights of ``coords`` (grid units) on a grid of ``n`` samples (clamped)."""
-    m = coords.size
-    if n == 1:
-        return 0, 1, np.ones((m, 1), np.float32)
+def _axis_weights(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left sample index and right-sample weight of ``coords`` (grid units), clamped."""
     c = np.clip(coords, 0.0, n - 1.0)
-    i0 = np.minimum(np.floor(c).astype(np.int64), n - 2)
-    t = (c - i0).astype(np.float32)
-    lo, hi = int(i0.min()), int(i0.max()) + 2
-    w = np.zeros((m, hi - lo), np.float32)
-    rows = np.arange(m)
-    w[rows, i0 - lo] = 1.0 - t
-    w[rows, i0 + 1 - lo] += t
-    return lo, hi, w
+    i0 = np.minimum(c.astype(np.int64), n - 2)
+    return i0, (c - i0).astype(np.float32)
+
+
+def _sample(grid: np.ndarray, cy: np.ndarray, cx: np.ndarray, k: int = 1) -> np.ndarray:
+    """Bilinear samples of ``grid`` (>= 2 x 2) at rows ``cy`` x columns ``cx`` (grid units).
+
+    Returns ``(len(cy), k * len(cx))`` float32, each column repeated ``k`` times (``k=3``
+    gives an array that multiplies an RGB tile viewed as ``(T, 3T)``). ``cx`` must be
+    increasing.
+    """
+    iy, ty = _axis_weights(cy, grid.shape[0])
+    ix, tx = _axis_weights(cx, grid.shape[1])
+    r0, r1 = int(iy[0]), int(iy[-1]) + 2
+    c0, c1 = int(ix[0]), int(ix[-1]) + 2
+    sub = grid[r0:r1, c0:c1]
+    iy = iy - r0
+    ix = ix - c0
+    rows = sub[iy]
+    rows += (sub[iy + 1] - rows) * ty[:, None]
+    n = cx.size
+    starts = np.flatnonzero(np.diff(ix)) + 1
+    if starts.size < 48:
+        # few grid columns: the result is linear within each, fill it piecewise
+        txk = np.repeat(tx, k) if k > 1 else tx
+        out = np.empty((cy.size, k * n), np.float32)
+        bounds = [0, *starts.tolist(), n]
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            j = int(ix[s0])
+            left = rows[:, j : j + 1]
+            seg = out[:, k * s0 : k * s1]
+            np.multiply(rows[:, j + 1 : j + 2] - left, txk[None, k * s0 : k * s1], out=seg)
+            seg += left
+        return out
+    if k > 1:
+        ix = np.repeat(ix, k)
+        tx = np.repeat(tx, k)
+    out = rows[:, ix]
+    out += (rows[:, ix + 1] - out) * tx
+    return out
+
+
+def _block_size(d: int) -> int:
+    """Output pixels per sample of the smooth stain fields at downsample ``d``."""
+    return {1: 8, 4: 4, 16: 2}.get(d, 1)
+
+
+def _expand(block: np.ndarray, b: int) -> np.ndarray:
+    """(n, n) block samples -> (n*b, 3*n*b), each sample covering b x b RGB pixels."""
+    return np.repeat(np.repeat(block, b, axis=0), 3 * b, axis=1)
 
 
 def _render_tile(plan: _Plan, k: int, ty: int, tx: int) -> np.ndarray | None:
-    """Render tile (ty, tx) of level k as (T, T, 3) uint8 RGB, or None for plain glass."""
+    """Render tile (ty, tx) of level k as (T, T, 3) uint8 RGB, or None for plain glass.
+
+    Works on the tile viewed as (T, 3T) so that every per-pixel weight multiplies a
+    same-shaped array (numpy is slow at broadcasting over a trailing axis of 3).
+    """
     t = plan.tile
     d = plan.downs[k]
     px0, py0 = tx * t, ty * t
     x0, y0, x1, y1 = px0 * d, py0 * d, (px0 + t) * d, (py0 + t) * d
-    edge = max(1.5 * d, 3.0)  # level-0 px over which alpha goes 0 -> 1
+    edge = max(1.5 * d, 3.0)  # level-0 px over which alpha goes from 0 to 1
+    reach = 2.0 * edge + plan.rag_amp
     hits = [
         les
         for les in plan.lesions
-        if les.lesion.box[0] - 2 * edge < x1
-        and les.lesion.box[2] + 2 * edge > x0
-        and les.lesion.box[1] - 2 * edge < y1
-        and les.lesion.box[3] + 2 * edge > y0
+        if les.lesion.box[0] - reach < x1
+        and les.lesion.box[2] + reach > x0
+        and les.lesion.box[1] - reach < y1
+        and les.lesion.box[3] + reach > y0
     ]
     tissue = plan.fields[0]
     g = plan.cell
@@ -924,63 +1032,85 @@ def _render_tile(plan: _Plan, k: int, ty: int, tx: int) -> np.ndarray | None:
         return None
     full = float(block.min()) > margin
 
-    centres = np.arange(t, dtype=np.float64) + 0.5
-    ly, hy, wy = _interp_matrix((py0 + centres) * d / g - 0.5, gh)
-    lx, hx, wx = _interp_matrix((px0 + centres) * d / g - 0.5, gw)
-    sel = slice(1, 3) if full else slice(0, 3)
-    flds = np.matmul(np.matmul(wy[None], plan.fields[sel, ly:hy, lx:hx]), wx.T[None])
-    if full:
-        w, s = flds[0], flds[1]
-        alpha = None
-    else:
-        f, w, s = flds[0], flds[1], flds[2]
-        cv = plan.canvases[k]
-        f += plan.rag_amp * cv["R"].crop(py0, px0, t)
-        alpha = np.clip(0.5 + f / edge, 0.0, 1.0)
     cv = plan.canvases[k]
-    a = (s * (1.0 - w))[..., None]
-    b = (s * w)[..., None]
-    tis = cv["A"].crop(py0, px0, t) * a
-    tis += cv["B"].crop(py0, px0, t) * b
+
+    def crop(name: str) -> np.ndarray:
+        return cv[name].crop(py0, px0, t).reshape(t, 3 * t)
+
+    # smooth stain weights, sampled every b pixels
+    b = _block_size(d)
+    cb = (np.arange(t // b, dtype=np.float64) * b + 0.5 * b)
+    cby = (py0 + cb) * d / g - 0.5
+    cbx = (px0 + cb) * d / g - 0.5
+    wa = _expand(_sample(plan.fields[1], cby, cbx), b)
+    wb = _expand(_sample(plan.fields[2], cby, cbx), b)
+    tis = np.multiply(crop("A"), wa, dtype=np.float32)
+    tis += crop("B") * wb
+
+    centres = np.arange(t, dtype=np.float64) + 0.5
+    alpha = None
+    if not full:
+        alpha = _sample(tissue, (py0 + centres) * d / g - 0.5, (px0 + centres) * d / g - 0.5, 3)
+        alpha += crop("R") * np.float32(plan.rag_amp / 127.0)
+        alpha *= np.float32(1.0 / edge)
+        alpha += np.float32(0.5)
+        np.clip(alpha, 0.0, 1.0, out=alpha)
 
     for les in hits:
-        # the part of the tile the lesion's grid can reach
         bx0, by0, bx1, by1 = les.lesion.box
-        sx0 = max(int(math.floor((bx0 - 2 * edge) / d)) - px0, 0)
-        sx1 = min(int(math.ceil((bx1 + 2 * edge) / d)) - px0, t)
-        sy0 = max(int(math.floor((by0 - 2 * edge) / d)) - py0, 0)
-        sy1 = min(int(math.ceil((by1 + 2 * edge) / d)) - py0, t)
+        sx0 = max(int(math.floor((bx0 - reach) / d)) - px0, 0)
+        sx1 = min(int(math.ceil((bx1 + reach) / d)) - px0, t)
+        sy0 = max(int(math.floor((by0 - reach) / d)) - py0, 0)
+        sy1 = min(int(math.ceil((by1 + reach) / d)) - py0, t)
         if sx1 <= sx0 or sy1 <= sy0:
             continue
+        ly = ((py0 + centres[sy0:sy1]) * d - les.oy) / les.cell
+        lx = ((px0 + centres[sx0:sx1]) * d - les.ox) / les.cell
         lgh, lgw = les.field.shape
-        ly0, ly1, lwy = _interp_matrix(((py0 + sy0 + centres[: sy1 - sy0]) * d - les.oy) / les.cell, lgh)
-        lx0, lx1, lwx = _interp_matrix(((px0 + sx0 + centres[: sx1 - sx0]) * d - les.ox) / les.cell, lgw)
-        fl = lwy @ les.field[ly0:ly1, lx0:lx1] @ lwx.T
-        al = np.clip(0.5 + fl / edge, 0.0, 1.0)
-        if not al.any():
+        iy0 = min(max(int(ly[0]), 0), lgh - 2)
+        iy1 = min(max(int(ly[-1]), 0), lgh - 2) + 2
+        ix0 = min(max(int(lx[0]), 0), lgw - 2)
+        ix1 = min(max(int(lx[-1]), 0), lgw - 2) + 2
+        lblock = les.field[iy0:iy1, ix0:ix1]
+        if float(lblock.max()) < -margin:
             continue
-        reg = (slice(sy0, sy1), slice(sx0, sx1))
+        reg = (slice(sy0, sy1), slice(3 * sx0, 3 * sx1))
+        if float(lblock.min()) > margin:
+            al: np.ndarray | float = 1.0
+        else:
+            al = _sample(les.field, ly, lx, 3)
+            al += crop("R")[reg] * np.float32(les.rag / 127.0)
+            al *= np.float32(1.0 / edge)
+            al += np.float32(0.5)
+            np.clip(al, 0.0, 1.0, out=al)
         base = tis[reg]
         if les.texture == "tumour":
-            lt = cv["TA"].crop(py0, px0, t)[reg] * a[reg]
-            lt += cv["TB"].crop(py0, px0, t)[reg] * b[reg]
+            lt = np.multiply(crop("TA")[reg], wa[reg], dtype=np.float32)
+            lt += crop("TB")[reg] * wb[reg]
         elif les.texture == "follicle":
-            lt = cv["D"].crop(py0, px0, t)[reg] * s[reg][..., None]
-        else:  # fold: the same tissue, doubled over (darker, more saturated)
-            lt = np.minimum(base * 1.85, 245.0)
-        lt -= base
-        lt *= al[..., None]
-        base += lt
+            lt = np.multiply(crop("D")[reg], wa[reg] + wb[reg], dtype=np.float32)
+        else:  # fold: the same tissue doubled over, darker and more saturated
+            lt = np.minimum(base * np.float32(1.85), np.float32(245.0))
+        if isinstance(al, float):
+            base[...] = lt
+        else:
+            lt -= base
+            lt *= al
+            base += lt
         if alpha is not None:
-            np.maximum(alpha[reg], al, out=alpha[reg])
+            if isinstance(al, float):
+                alpha[reg] = 1.0
+            else:
+                np.maximum(alpha[reg], al, out=alpha[reg])
 
     if alpha is not None:
-        tis -= plan.glass_inv
-        tis *= alpha[..., None]
-        tis += plan.glass_inv
-    np.subtract(255.5, tis, out=tis)
+        glass = np.tile(plan.glass_inv, t)
+        tis -= glass
+        tis *= alpha
+        tis += glass
+    np.subtract(np.float32(255.5), tis, out=tis)
     np.clip(tis, 0.0, 255.0, out=tis)
-    return tis.astype(np.uint8)
+    return tis.astype(np.uint8).reshape(t, t, 3)
 
 
 def _encode(tile: np.ndarray, quality: int) -> bytes:
@@ -1050,7 +1180,9 @@ def _info_to_json(info: SyntheticSlideInfo, spec: SyntheticSlideSpec) -> dict:
         "levels": [list(lv) for lv in info.levels],
         "tile": spec.tile,
         "quality": spec.quality,
-        "size_ranges_mm": {k: list(v) if math.isfinite(v[1]) else [v[0], None] for k, v in SIZE_RANGES_MM.items()},
+        "size_ranges_mm": {
+            k: [lo, hi if math.isfinite(hi) else None] for k, (lo, hi) in SIZE_RANGES_MM.items()
+        },
     }
 
 
@@ -1072,7 +1204,9 @@ def generate_slide(
         What to generate. The same spec always gives the same pixels (and the same bytes).
     progress : callable, optional
         Called as ``progress(done, total)`` with tile counts over all levels, from the
-        calling thread, at most about 1000 times plus once at the end.
+        calling thread: once with ``done=0``, then at most about 1000 times, the last with
+        ``done == total``. An exception raised by it aborts the generation (use that to
+        cancel); it propagates, and neither the slide nor its sidecar is left behind.
     workers : int, optional
         Threads rendering and encoding tiles; default: the number of CPUs (at most 8).
         The output does not depend on it.
@@ -1276,7 +1410,8 @@ def generate_cohort(
         if label == 1:
             kind = str(order[n_pos % len(order)])
             n_pos += 1
-        slide_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(2, np.uint64)[0] >> 1)
+        state = np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)
+        slide_seed = int(state[0] >> np.uint64(1))  # < 2**63
         spec = SyntheticSlideSpec(width, height, mpp, slide_seed, label, kind, tile, quality)
         info = generate_slide(out / f"slide_{i:04d}.tif", spec, workers=workers)
         infos.append(info)
