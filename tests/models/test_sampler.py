@@ -295,3 +295,20 @@ def test_cuda_grid_gradient_exact_on_linear_image() -> None:
     grid.requires_grad_()
     linearized_grid_sample(image, grid, align_corners=False).backward(grad_out)
     torch.testing.assert_close(grid.grad, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_affine_sample_under_cpu_bf16_autocast_keeps_fp32_geometry():
+    """Under autocast the sampler still builds its grid and samples in fp32, with gradients."""
+    from napari_magnet.models.sampler import affine_sample
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 32, 32, generator=g)
+    theta = torch.tensor([[[0.5, 0.0, 0.1], [0.0, 0.5, -0.2]]] * 2, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = affine_sample(image.bfloat16(), theta, 16, align_corners=False)
+    assert out.dtype == torch.float32
+    reference = affine_sample(image.bfloat16().float(), theta.detach(), 16,
+                              align_corners=False, linearized=False)
+    torch.testing.assert_close(out.detach(), reference)
+    out.sum().backward()
+    assert theta.grad is not None and torch.isfinite(theta.grad).all()

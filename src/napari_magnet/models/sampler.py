@@ -231,10 +231,15 @@ def affine_sample(
         ``(N, C, out_size, out_size)``, differentiable with respect to ``image`` and ``theta``.
     """
     n, c = image.shape[:2]
-    grid = F.affine_grid(theta.to(image.dtype), [n, c, out_size, out_size],
-                         align_corners=align_corners)
-    if linearized:
-        return linearized_grid_sample(image, grid, align_corners=align_corners,
-                                      generator=generator)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=align_corners)
+    # Half-precision grids are pixels off on a 448 px source, and a bf16 grid saved for the
+    # backward breaks grid_sample's kernels: sample in (at least) fp32 with autocast off.
+    work = torch.float32 if image.dtype in (torch.float16, torch.bfloat16) else image.dtype
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        image = image.to(work)
+        grid = F.affine_grid(theta.to(work), [n, c, out_size, out_size],
+                             align_corners=align_corners)
+        if linearized:
+            return linearized_grid_sample(image, grid, align_corners=align_corners,
+                                          generator=generator)
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=align_corners)
