@@ -142,3 +142,17 @@ def test_attention_sampling_patch_count_override(cmu_path):
             run(slide, model, n_patches=0)
         with pytest.raises(ValueError, match="fixed by its architecture"):
             run(slide, load_model("magnet3-lite", device="cpu"), n_patches=4)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_cpu_run(cmu_path):
+    cpu_model = load_model("magnet3-lite", device="cpu")
+    gpu_model = load_model("magnet3-lite", device="cuda")
+    with open_slide(cmu_path) as slide:
+        cpu_steps, cpu = run(slide, cpu_model)
+        gpu_items = list(magnify(slide, gpu_model, device="cuda"))
+    gpu_steps, gpu = gpu_items[:-1], gpu_items[-1]
+    assert gpu.probability == pytest.approx(cpu.probability, abs=1e-3)
+    for a, b in zip(cpu_steps, gpu_steps):
+        assert a.region_ids == b.region_ids
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=2.0)
