@@ -206,6 +206,8 @@ class RegionReader:
                              (bx1 / scale_x - wx0) / factor, (by1 / scale_y - wy0) / factor]],
                            dtype=torch.float32)
         with torch.inference_mode():
+            if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
+                window = window.copy()
             source = torch.from_numpy(window).to(self.device, non_blocking=True)
             source = source.permute(2, 0, 1)[None].float()
             if factor > 1:

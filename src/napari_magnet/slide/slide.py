@@ -198,13 +198,16 @@ class Slide:
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """``(height, width, 3)`` uint8 RGB of ``level`` at level coordinates ``(x, y)``.
 
-        Parts outside the level are filled with the slide's background colour.
+        Parts outside the level are filled with the slide's background colour. The array may
+        be read-only (shared with the chunk cache): copy it before writing into it.
         """
         if not 0 <= level < self.level_count:
             raise ValueError(f"level {level} does not exist; the slide has {self.level_count}")
         if width < 0 or height < 0:
             raise ValueError(f"negative size {(width, height)}")
         reader = self._readers[level]
+        if x >= 0 and y >= 0 and x + width <= reader.width and y + height <= reader.height:
+            return reader.window(x, y, width, height)
         out = np.empty((height, width, 3), dtype=np.uint8)
         out[...] = self.background
         x0, y0 = max(x, 0), max(y, 0)
