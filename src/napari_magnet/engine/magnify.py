@@ -15,6 +15,7 @@ import torch
 
 from ..models.registry import resolve_device
 from ..slide import Slide
+from .cuda_graphs import graph_cache_for
 from .regions import RegionReader, child_frames, slide_frame
 from .types import MagnifyResult, MagnifyStep
 
@@ -131,28 +132,40 @@ def _magnify_magnet(model, reader: RegionReader, frames: np.ndarray, visible: np
     hi_levels = hi_batch.levels
     ids = [""]
     aux_layers = set(getattr(cfg, "aux_layers", ()))
+    graphs = graph_cache_for(model, dev)
+
+    def stage(key, fn, *inputs):
+        return fn(*inputs) if graphs is None else graphs.run(key, fn, *inputs)
+
+    def layer_fn(layer):
+        def run(lo, hi):
+            out = model.magnify_layer(layer, lo, hi)
+            return out.theta, out.maps, out.patches
+        return run
+
     patches = None
     for layer in range(1, model.num_layers + 1):
-        out = model.magnify_layer(layer, lo, hi)
-        theta = out.theta.float().cpu().numpy()
+        theta_t, maps_t, patches = stage(("layer", layer), layer_fn(layer), lo, hi)
+        theta = theta_t.float().cpu().numpy()
         n_inputs, per_input = theta.shape[:2]
         child, child_visible = child_frames(frames, visible, theta)
         child_ids = [f"{pid}.{p + 1}" if pid else str(p + 1)
                      for pid in ids for p in range(per_input)]
         parent_ids = [pid for pid in ids for _ in range(per_input)]
-        patches = out.patches
         if layer < model.num_layers:
             hi_batch = reader.read(child, model.hi_size(layer + 1), child_visible)
             levels = hi_batch.levels
         else:
             # The last layer's patches are sampled from their parents' I'.
             levels = np.repeat(hi_levels, per_input)
-        maps = out.maps.float().cpu().numpy()
+        maps = maps_t.float().cpu().numpy()
         learned = list(cfg.learned_patches(layer)) or list(range(per_input))
         input_maps = maps[:, learned].mean(axis=1)
         aux = None
         if layer in aux_layers:
-            aux = float(torch.sigmoid(model.aux_logit(layer, patches, 1).float())[0])
+            (aux_logit,) = stage(("aux", layer),
+                                 lambda p, layer=layer: (model.aux_logit(layer, p, 1),), patches)
+            aux = float(torch.sigmoid(aux_logit.float())[0])
         yield MagnifyStep(
             layer=layer,
             region_ids=child_ids,
@@ -170,7 +183,8 @@ def _magnify_magnet(model, reader: RegionReader, frames: np.ndarray, visible: np
             lo, hi = patches, hi_batch.to_tensor(dev)
             hi_levels = levels
             frames, visible, ids = child, child_visible, child_ids
-    probability = float(torch.sigmoid(model.classify(patches, 1).float())[0])
+    (logit,) = stage("classify", lambda p: (model.classify(p, 1),), patches)
+    probability = float(torch.sigmoid(logit.float())[0])
     return MagnifyResult(
         probability=probability,
         label=int(probability >= 0.5),

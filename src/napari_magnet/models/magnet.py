@@ -299,8 +299,11 @@ def normalized_grid(size: int, align_corners: bool, *, device=None,
 
 def identity_theta(n: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """``(n, 2, 3)`` identity affine maps."""
-    eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device, dtype=dtype)
-    return eye.expand(n, 2, 3).clone()
+    # Built on the device (no host-to-device copy), so CUDA graphs can capture it.
+    theta = torch.zeros(n, 2, 3, device=device, dtype=dtype)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    return theta
 
 
 def compose_theta(parent_chain: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
