@@ -155,3 +155,19 @@ def test_broken_handle_is_reopened_not_retried(tmp_path, cmu_path):
                                                                          (64, 64)))[..., :3]
     np.testing.assert_array_equal(good, reference)
     backend.close()
+
+
+def test_level_slices_carry_only_the_chunks_they_touch(ndpi_path):
+    with open_slide(ndpi_path) as slide:
+        level0 = slide.pyramid[0]
+        whole = slide.read_level(0, 0, 0, *slide.dimensions)
+        assert level0.npartitions > 50
+        window = level0[700:1300, 1000:1100]
+        # 2 x 1 chunks touched: the graph holds those tasks and the slicing, not the level.
+        assert len(dict(window.__dask_graph__())) <= 2 * (2 * 1) + 2
+        np.testing.assert_array_equal(np.asarray(window), whole[700:1300, 1000:1100])
+        np.testing.assert_array_equal(np.asarray(level0[5:9, 7:8, 1]), whole[5:9, 7:8, 1])
+        np.testing.assert_array_equal(np.asarray(level0[::97, ::101]), whole[::97, ::101])
+        np.testing.assert_array_equal(np.asarray(level0[-20:, -30:]), whole[-20:, -30:])
+        assert int(level0[100:200, 100:300].sum().compute()) == int(
+            whole[100:200, 100:300].sum())
