@@ -1,0 +1,530 @@
+"""Review: the per-slide Annotations layer, classes, review states, key bindings, autosave.
+
+The Annotations layer
+---------------------
+Each slide gets one Shapes layer "<slide> · Annotations" (metadata kind ``"annotations"``) whose
+features table has ``class`` (``""`` = unclassified), ``review`` (``unreviewed`` / ``accepted``
+/ ``rejected``) and ``name``. The ROI layers of a Magnify run have the same two columns, so
+classes and review states are set the same way on both, from the widget or with keys:
+
+==============  =====================================================================
+``Shift-A``     accept the selected shapes
+``Shift-R``     reject them
+``Shift-U``     back to unreviewed
+``Alt-1`` …     class 1 … 9 of the widget's class list (Tumor, Normal, Other by default)
+==============  =====================================================================
+
+(napari's Shapes layer already uses ``1``/``2``/``3`` — vertex remove / vertex insert /
+*delete selected shapes* — so plain digits would destroy work; ``Shift-A``/``R``/``U`` and
+``Alt-digit`` are unbound in napari's Shapes keymap.)
+
+Colours follow class and state: the class colour (QuPath's defaults for Tumor/Normal/Other,
+a stable hashed colour otherwise) with a light fill; accepted = bold edge, rejected = thin grey
+edge and no fill; ROIs keep their lineage colour until classified.
+
+Autosave
+--------
+:class:`AnnotationAutosaver` writes, 1 s (``delay_ms``) after the last change, the slide's
+annotations *and* the ROIs of its last completed run (with their classes and review states)
+as QuPath GeoJSON (level-0 pixels, via :mod:`..io.geojson`; atomically: temp file +
+``os.replace``), once there is something of the user's to keep — a drawn or imported shape,
+or an ROI classified or reviewed (a Magnify run alone leaves no file next to the slide);
+from then on every change is saved, deletions included. The file is the sidecar ``<slide file>.annotations.geojson`` next to the slide
+(e.g. ``CMU-1.svs.annotations.geojson``), or, when that folder is not writable — including a
+folder whose permission bits forbid writing, which we respect even when running as root —
+``<data dir>/annotations/<sha256(slide path)[:16]>-<slide file>.annotations.geojson`` with
+``<data dir>`` = ``$NAPARI_MAGNET_DATA_DIR`` or ``platformdirs.user_data_dir("napari-magnet")``.
+A killed napari loses at most the last ``delay_ms``. :func:`restore_annotations` reads the
+newer of the two files back when the slide is opened again: annotations into the Annotations
+layer, ROIs into "<slide> · L<k> ROIs" layers (without their attention maps), states included.
+Layers imported onto the slide with the widget's *Import GeoJSON…* are saved too and come back
+merged into the Annotations layer. Removing a layer is not itself a change the autosave
+reacts to (the file keeps its shapes until the next change of the slide's other layers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QObject, QTimer
+
+from ..io.geojson import (
+    DEFAULT_CLASSES,
+    PROPERTIES_KEY,
+    REVIEW_STATES,
+    Annotation,
+    GeoJSONError,
+    load_geojson,
+    write_geojson,
+)
+from ..io.layerdata import annotations_to_shapes, shapes_to_annotations
+from .layers import (
+    add_roi_layer,
+    edge_width_for,
+    layer_info,
+    layer_kind,
+    layers_of,
+    restyle,
+    slide_metadata,
+    slide_path_of,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import napari
+
+SIDECAR_SUFFIX = ".annotations.geojson"
+DATA_DIR_ENV = "NAPARI_MAGNET_DATA_DIR"
+DEFAULT_DELAY_MS = 1000
+CLASS_KEYS = tuple(f"Alt-{i}" for i in range(1, 10))
+REVIEW_KEYS = {"Shift-A": "accepted", "Shift-R": "rejected", "Shift-U": "unreviewed"}
+#: Layer kinds whose shapes are autosaved (ROIs only once their run completed).
+SAVED_KINDS = ("annotations", "imported", "rois")
+
+ClassProvider = Callable[[], Sequence[str]]
+
+
+def default_classes() -> list[str]:
+    return list(DEFAULT_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------
+# where annotations are saved
+# --------------------------------------------------------------------------------------------
+
+
+def sidecar_path(slide_path: str | os.PathLike) -> Path:
+    """``<slide file>.annotations.geojson`` next to the slide."""
+    p = Path(slide_path)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """The fallback folder: ``override``, ``$NAPARI_MAGNET_DATA_DIR``, or the user data dir."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("napari-magnet"))
+
+
+def fallback_path(slide_path: str | os.PathLike,
+                  data_dir_override: str | os.PathLike | None = None) -> Path:
+    """The data-dir file of a slide, keyed by a hash of its absolute path."""
+    absolute = os.path.abspath(os.fspath(slide_path))
+    digest = hashlib.sha256(absolute.encode("utf-8")).hexdigest()[:16]
+    return data_dir(data_dir_override) / "annotations" / (
+        f"{digest}-{Path(absolute).name}{SIDECAR_SUFFIX}")
+
+
+def folder_writable(folder: str | os.PathLike) -> bool:
+    """Whether we may create files in ``folder``: it exists, ``os.access`` allows writing, and
+    its permission bits allow someone to write (a folder marked read-only is respected even by
+    root, who could override it)."""
+    try:
+        mode = os.stat(folder).st_mode
+    except OSError:
+        return False
+    if not stat.S_ISDIR(mode) or not (mode & 0o222):
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def save_path(slide_path: str | os.PathLike,
+              data_dir_override: str | os.PathLike | None = None) -> Path:
+    """Where the autosave of a slide goes now (sidecar when its folder is writable)."""
+    side = sidecar_path(slide_path)
+    if folder_writable(side.parent) and (not side.exists() or os.access(side, os.W_OK)):
+        return side
+    return fallback_path(slide_path, data_dir_override)
+
+
+def saved_path(slide_path: str | os.PathLike,
+               data_dir_override: str | os.PathLike | None = None) -> Path | None:
+    """The newest existing autosave of a slide (sidecar or data dir), or ``None``."""
+    found = []
+    for p in (sidecar_path(slide_path), fallback_path(slide_path, data_dir_override)):
+        try:
+            found.append((p.stat().st_mtime_ns, p))
+        except OSError:
+            continue
+    return max(found)[1] if found else None
+
+
+# --------------------------------------------------------------------------------------------
+# classes and review states
+# --------------------------------------------------------------------------------------------
+
+
+def _selected(layer: Any, indices: Sequence[int] | None) -> list[int]:
+    if indices is None:
+        indices = sorted(getattr(layer, "selected_data", ()) or ())
+    n = layer.nshapes
+    return [int(i) for i in indices if 0 <= int(i) < n]
+
+
+def _set_column(layer: Any, column: str, value: str, indices: Sequence[int] | None) -> int:
+    idx = _selected(layer, indices)
+    if not idx:
+        return 0
+    feats = layer.features.copy()
+    if column not in feats:
+        feats[column] = "" if column == "class" else "unreviewed"
+    col = feats[column].astype(object).to_numpy().copy()
+    col[idx] = value
+    feats[column] = col
+    selected = set(layer.selected_data)
+    layer.features = feats  # emits events.features: the autosaver listens
+    restyle(layer)
+    layer.selected_data = selected
+    return len(idx)
+
+
+def set_review(layer: Any, state: str, indices: Sequence[int] | None = None) -> int:
+    """Set the review state of shapes (default: the selected ones); returns how many."""
+    if state not in REVIEW_STATES:
+        raise ValueError(f"review state {state!r} not in {REVIEW_STATES}")
+    return _set_column(layer, "review", state, indices)
+
+
+def set_class(layer: Any, name: str | None, indices: Sequence[int] | None = None) -> int:
+    """Set the class of shapes (default: the selected ones; ``None``/"" unclassifies)."""
+    return _set_column(layer, "class", str(name or ""), indices)
+
+
+def bind_review_keys(layer: Any, classes: ClassProvider = default_classes) -> None:
+    """Bind ``Shift-A``/``Shift-R``/``Shift-U`` and ``Alt-1`` … ``Alt-9`` on ``layer``."""
+    for key, state in REVIEW_KEYS.items():
+        layer.bind_key(key, _review_action(state), overwrite=True)
+    for i, key in enumerate(CLASS_KEYS):
+        layer.bind_key(key, _class_action(i, classes), overwrite=True)
+
+
+def _review_action(state: str):
+    def action(layer):
+        set_review(layer, state)
+
+    action.__name__ = f"review_{state}"
+    action.__doc__ = f"Mark the selected shapes {state}"
+    return action
+
+
+def _class_action(index: int, classes: ClassProvider):
+    def action(layer):
+        names = list(classes())
+        if index < len(names):
+            set_class(layer, names[index])
+
+    action.__name__ = f"class_{index + 1}"
+    action.__doc__ = f"Give the selected shapes class {index + 1} of the widget's list"
+    return action
+
+
+# --------------------------------------------------------------------------------------------
+# building the layers
+# --------------------------------------------------------------------------------------------
+
+
+def annotations_layer_name(slide_layer: Any) -> str:
+    return f"{slide_layer.name} · Annotations"
+
+
+def find_annotations_layer(viewer: napari.Viewer, slide_path: str) -> Any:
+    found = layers_of(viewer, slide_path, kinds=("annotations",))
+    return found[0] if found else None
+
+
+def add_annotations_layer(viewer: napari.Viewer, slide_layer: Any,
+                          annotations: Sequence[Annotation] = (), *,
+                          kind: str = "annotations", name: str | None = None,
+                          classes: ClassProvider = default_classes) -> Any:
+    """A Shapes layer of ``annotations`` (level-0) in world µm, styled, keys bound."""
+    mpp = slide_layer.metadata.get("mpp")
+    shapes = annotations_to_shapes(list(annotations), mpp)
+    w0 = edge_width_for(slide_layer)
+    meta = slide_metadata(slide_layer, kind, edge_width=w0)
+    names = list(classes())
+    layer = viewer.add_shapes(
+        shapes.data if shapes.data else None,
+        shape_type=shapes.shape_types if shapes.data else "rectangle",
+        features=shapes.features if shapes.data else {"class": np.array([], dtype=object),
+                                                      "review": np.array([], dtype=object),
+                                                      "name": np.array([], dtype=object)},
+        feature_defaults={"class": names[0] if names else "", "review": "unreviewed",
+                          "name": ""},
+        edge_width=w0,
+        name=name or annotations_layer_name(slide_layer),
+        metadata=meta,
+        **({"units": tuple(slide_layer.units)} if hasattr(slide_layer, "units") else {}),
+    )
+    bind_review_keys(layer, classes)
+    restyle(layer)
+    layer.events.data.connect(_restyle_on_add(layer))
+    return layer
+
+
+def _restyle_on_add(layer: Any):
+    ref = weakref.ref(layer)
+
+    def on_data(event):
+        action = str(getattr(event, "action", ""))
+        if action.endswith("added") or action.endswith("ADDED"):
+            target = ref()
+            if target is not None:
+                restyle(target)
+
+    return on_data
+
+
+def _split_saved(annotations: Sequence[Annotation]) -> tuple[list, dict[int, list]]:
+    plain, rois = [], {}
+    for a in annotations:
+        ours = a.properties.get(PROPERTIES_KEY) if isinstance(a.properties, dict) else None
+        if isinstance(ours, dict) and ours.get("kind") == "roi":
+            layer = ours.get("layer", 0)
+            layer = int(layer) if isinstance(layer, (int, float)) else 0
+            rois.setdefault(layer, []).append(a)
+        else:
+            plain.append(a)
+    return plain, rois
+
+
+def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
+                        data_dir: str | os.PathLike | None = None,
+                        classes: ClassProvider = default_classes) -> Any:
+    """The slide's Annotations layer, created from its autosave when there is one.
+
+    Returns the existing layer when the viewer already has one for this slide. Saved ROIs of
+    the last run come back as "<slide> · L<k> ROIs" layers. A saved file that cannot be read
+    is reported (``show_error``), kept aside as ``*.unreadable`` so the next autosave does not
+    overwrite it, and the layer starts empty.
+    """
+    from napari.utils.notifications import show_error
+
+    slide_path = str(slide_layer.metadata["path"])
+    existing = find_annotations_layer(viewer, slide_path)
+    if existing is not None:
+        return existing
+    annotations: list[Annotation] = []
+    path = saved_path(slide_path, data_dir)
+    if path is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                annotations = load_geojson(
+                    path, max_extent=slide_layer.metadata["slide"].dimensions).annotations
+        except GeoJSONError as exc:
+            show_error(f"napari-magnet: could not restore the annotations of "
+                       f"{slide_layer.name}: {exc}")
+            try:
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+            except OSError:
+                pass
+            annotations = []
+    plain, rois = _split_saved(annotations)
+    for layer_no in sorted(rois):
+        shapes = annotations_to_shapes(rois[layer_no], slide_layer.metadata.get("mpp"),
+                                       roi=True)
+        roi_layer = add_roi_layer(viewer, slide_layer, shapes.data, shapes.features,
+                                  layer_no, run="restored", committed=True)
+        bind_review_keys(roi_layer, classes)
+    return add_annotations_layer(viewer, slide_layer, plain, classes=classes)
+
+
+def layer_annotations(layer: Any) -> list[Annotation]:
+    """A Shapes layer of ours (or any Shapes layer over a slide) as level-0 annotations."""
+    meta = layer.metadata
+    kind = "roi" if layer_kind(layer) == "rois" else "annotation"
+    anns, _ = shapes_to_annotations(
+        layer.data, layer.shape_type, layer.features, meta.get("mpp"),
+        scale=tuple(layer.scale), translate=tuple(layer.translate), kind=kind,
+        slide_name=str(meta.get("slide_name", "")))
+    return anns
+
+
+def collect_annotations(viewer: napari.Viewer, slide_path: str) -> list[Annotation]:
+    """What the autosave writes for a slide: its annotation layers' shapes and the ROIs of its
+    last completed run."""
+    out: list[Annotation] = []
+    for layer in layers_of(viewer, slide_path, kinds=SAVED_KINDS):
+        if layer_kind(layer) == "rois" and not layer_info(layer).get("committed"):
+            continue
+        out.extend(layer_annotations(layer))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# autosave
+# --------------------------------------------------------------------------------------------
+
+
+class AnnotationAutosaver(QObject):
+    """Debounced autosave of one slide's annotations (see the module docstring).
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        Held weakly.
+    slide_path : str
+        The slide (``metadata["path"]`` of its layer).
+    data_dir : path-like, optional
+        Fallback folder override (else ``$NAPARI_MAGNET_DATA_DIR`` / the user data dir).
+    delay_ms : int
+        Debounce interval: the file is written this long after the last change.
+    """
+
+    def __init__(self, viewer: napari.Viewer, slide_path: str, *,
+                 data_dir: str | os.PathLike | None = None,
+                 delay_ms: int = DEFAULT_DELAY_MS, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._viewer = weakref.ref(viewer)
+        self.slide_path = str(slide_path)
+        self.data_dir = data_dir
+        self.delay_ms = int(delay_ms)
+        self.last_path: Path | None = None
+        self.last_error: str | None = None
+        self.saves = 0
+        self._watched: weakref.WeakSet = weakref.WeakSet()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self.save_now)
+
+    @property
+    def pending(self) -> bool:
+        return self._timer.isActive()
+
+    def watch(self, layer: Any) -> None:
+        """Save after changes of ``layer``'s shapes or features."""
+        if layer in self._watched:
+            return
+        self._watched.add(layer)
+        layer.events.data.connect(self._on_data)
+        layer.events.features.connect(self.schedule)
+
+    def unwatch(self, layer: Any) -> None:
+        if layer not in self._watched:
+            return
+        self._watched.discard(layer)
+        for emitter, cb in ((layer.events.data, self._on_data),
+                            (layer.events.features, self.schedule)):
+            try:
+                emitter.disconnect(cb)
+            except (TypeError, ValueError, RuntimeError):  # pragma: no cover
+                pass
+
+    def _on_data(self, event: Any = None) -> None:
+        action = str(getattr(event, "action", "")).lower()
+        if action.endswith(("adding", "changing", "removing")):
+            return  # the matching "-ed" event follows
+        self.schedule()
+
+    def schedule(self, *_: Any) -> None:
+        """(Re)start the debounce timer."""
+        self._timer.start(self.delay_ms)
+
+    def flush(self) -> Path | None:
+        """Save now if a save is pending."""
+        if self._timer.isActive():
+            self._timer.stop()
+            return self.save_now()
+        return None
+
+    def stop(self) -> None:
+        """Stop without saving (the pending change is lost, as if napari were killed)."""
+        self._timer.stop()
+
+    def save_now(self) -> Path | None:
+        """Write the slide's annotations (atomically); returns the file, or ``None`` when there
+        was nothing to save. Errors are reported with ``show_error`` and kept in
+        :attr:`last_error`."""
+        from napari.utils.notifications import show_error
+
+        viewer = self._viewer()
+        if viewer is None:
+            return None
+        try:
+            annotations = collect_annotations(viewer, self.slide_path)
+        except Exception as exc:  # noqa: BLE001 - a save must never take the viewer down
+            self.last_error = f"cannot collect annotations: {exc}"
+            show_error(f"napari-magnet autosave: {self.last_error}")
+            return None
+        target = save_path(self.slide_path, self.data_dir)
+        if (saved_path(self.slide_path, self.data_dir) is None
+                and not any(_is_user_content(a) for a in annotations)):
+            return None  # nothing drawn or reviewed yet: leave no file next to the slide
+        candidates = [target]
+        fallback = fallback_path(self.slide_path, self.data_dir)
+        if target != fallback:
+            candidates.append(fallback)
+        error = None
+        for path in candidates:
+            try:
+                write_geojson(path, annotations)
+            except (OSError, GeoJSONError) as exc:
+                error = f"{path}: {exc}"
+                continue
+            self.last_path, self.last_error = path, None
+            self.saves += 1
+            return path
+        self.last_error = error
+        show_error(f"napari-magnet autosave failed: {error}")
+        return None
+
+
+def _is_user_content(annotation: Annotation) -> bool:
+    """A drawn/imported annotation, or an ROI someone classified or reviewed."""
+    ours = annotation.properties.get(PROPERTIES_KEY) if isinstance(annotation.properties,
+                                                                  dict) else None
+    if not (isinstance(ours, dict) and ours.get("kind") == "roi"):
+        return True
+    return bool(annotation.classification) or annotation.review != "unreviewed"
+
+
+def watch_slide_layers(autosaver: AnnotationAutosaver, viewer: napari.Viewer) -> None:
+    """Watch every saved layer of the autosaver's slide currently in the viewer."""
+    for layer in layers_of(viewer, autosaver.slide_path, kinds=SAVED_KINDS):
+        autosaver.watch(layer)
+
+
+def slide_of_layer(viewer: napari.Viewer, layer: Any) -> Any:
+    """The slide layer a layer of ours belongs to (``None`` if not in the viewer)."""
+    from .layers import is_slide_layer
+
+    path = slide_path_of(layer)
+    for candidate in viewer.layers:
+        if is_slide_layer(candidate) and slide_path_of(candidate) == path:
+            return candidate
+    return None
+
+
+__all__ = [
+    "AnnotationAutosaver",
+    "CLASS_KEYS",
+    "DATA_DIR_ENV",
+    "REVIEW_KEYS",
+    "SIDECAR_SUFFIX",
+    "add_annotations_layer",
+    "bind_review_keys",
+    "collect_annotations",
+    "data_dir",
+    "fallback_path",
+    "find_annotations_layer",
+    "folder_writable",
+    "layer_annotations",
+    "restore_annotations",
+    "save_path",
+    "saved_path",
+    "set_class",
+    "set_review",
+    "sidecar_path",
+]

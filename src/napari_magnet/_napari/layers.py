@@ -1,0 +1,356 @@
+"""Magnify results as napari layers (the conversions themselves live in :mod:`..io.layerdata`).
+
+Every layer the plugin creates carries in its ``metadata``:
+
+``slide_path``        the slide's file (str)
+``slide_name``        its display name
+``mpp``               ``(mpp_x, mpp_y)`` µm per level-0 pixel, or ``None`` (world = level-0 px)
+``slide_dimensions``  level-0 ``(width, height)``
+``napari_magnet``     ``{"kind": "rois" | "attention" | "coverage" | "annotations" |
+                      "imported", "run": run id, "layer": magnifying layer, ...}``
+
+Attention layers also carry ``box``: the level-0 ``(x0, y0, x1, y1)`` their pixels cover, so
+the OME-TIFF writer places them exactly. Shapes are stored in world µm (layer scale 1), so a
+shape's vertices are directly where it is drawn over the slide.
+
+Design choices
+--------------
+* **One Image layer per magnifying layer** ("<slide> · L2 attention"). Layer 1 (and
+  attention sampling) has one map: it is shown as it is. Deeper layers have one map per input
+  region and those maps overlap (a frozen patch's frame is its parent's): they are combined
+  (:func:`~napari_magnet.io.layerdata.composite_attention`: each map stretched to [0, 1]
+  between its own min and max, the maximum where maps overlap, on one grid over their union
+  at the finest map resolution, at most 2048 pixels a side). One layer per map would add 10
+  layers to a 3-layer MagNet run (28 to a 4-layer one) — each napari layer costs ~0.1–0.5 s of
+  GUI time to add and a full garbage collection to remove — and bury the layer list. The
+  per-map rasters stay available in *Export all* (``attention_L{layer}_{i}.ome.tif``).
+* Maps are cropped to the slide (the black padding around a non-square slide is dropped) and
+  coloured with ``inferno`` plus an alpha ramp (transparent at the minimum, opaque at the
+  maximum), translucent blending, opacity 0.5. Additive blending — the usual choice for
+  overlays on dark fluorescence images — washes a brightfield slide out to white (white glass
+  + any colour = white), so it is not used.
+* Layers are added in step order, attention below ROIs within a step, so deeper layers sit
+  above shallower ones; the coverage overlay sits just above its slide.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..io.layerdata import (
+    UNEXAMINED,
+    AttentionLayerData,
+    attention_layer_data,
+    coverage_colors,
+    coverage_placement,
+    review_style,
+    step_layer_data,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import napari
+
+    from ..engine.types import MagnifyStep
+
+KEY = "napari_magnet"
+ATTENTION_OPACITY = 0.5
+ATTENTION_BLENDING = "translucent"
+
+
+def attention_colormap() -> Any:
+    """``inferno`` with an alpha ramp: a map's lowest attention is fully transparent, its
+    highest opaque — so the slide shows through wherever the model did not look."""
+    from napari.utils.colormaps import AVAILABLE_COLORMAPS, Colormap
+
+    colors = np.asarray(AVAILABLE_COLORMAPS["inferno"].map(np.linspace(0, 1, 64)), float)
+    colors[:, 3] = np.linspace(0.0, 1.0, len(colors)) ** 0.8
+    return Colormap(colors=colors, name="napari-magnet attention",
+                    display_name="attention (inferno, alpha ramp)")
+TEXT_COLOR = "black"
+_SUFFIX_RE = re.compile(r" \[\d+\]$")
+
+
+# --------------------------------------------------------------------------------------------
+# identifying layers
+# --------------------------------------------------------------------------------------------
+
+
+def is_slide_layer(layer: Any) -> bool:
+    """An Image layer made by our slide reader (its metadata holds the live ``Slide``)."""
+    from napari.layers import Image
+
+    return isinstance(layer, Image) and "slide" in getattr(layer, "metadata", {})
+
+
+def slide_layers(viewer: napari.Viewer) -> list:
+    """The viewer's slide layers, bottom to top."""
+    return [layer for layer in viewer.layers if is_slide_layer(layer)]
+
+
+def layer_kind(layer: Any) -> str | None:
+    """Our ``metadata["napari_magnet"]["kind"]``, or ``None`` for layers we did not make."""
+    info = getattr(layer, "metadata", {}).get(KEY)
+    return info.get("kind") if isinstance(info, dict) else None
+
+
+def layer_info(layer: Any) -> dict:
+    """Our metadata dict of a layer (empty for foreign layers)."""
+    info = getattr(layer, "metadata", {}).get(KEY)
+    return info if isinstance(info, dict) else {}
+
+
+def slide_path_of(layer: Any) -> str | None:
+    """The slide a layer belongs to (``metadata["path"]`` for a slide layer)."""
+    meta = getattr(layer, "metadata", {})
+    if "slide" in meta:
+        return str(meta.get("path"))
+    path = meta.get("slide_path")
+    return str(path) if path else None
+
+
+def layers_of(viewer: napari.Viewer, slide_path: str, kinds: Iterable[str] | None = None,
+              run: Any = None) -> list:
+    """Our layers of ``slide_path`` (optionally of the given kinds / run)."""
+    kinds = set(kinds) if kinds is not None else None
+    out = []
+    for layer in viewer.layers:
+        kind = layer_kind(layer)
+        if kind is None or slide_path_of(layer) != str(slide_path):
+            continue
+        if kinds is not None and kind not in kinds:
+            continue
+        if run is not None and layer_info(layer).get("run") != run:
+            continue
+        out.append(layer)
+    return out
+
+
+def base_name(name: str) -> str:
+    """A layer name without napari's " [1]" de-duplication suffix."""
+    return _SUFFIX_RE.sub("", name)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata and sizes
+# --------------------------------------------------------------------------------------------
+
+
+def slide_metadata(slide_layer: Any, kind: str, **info: Any) -> dict:
+    """Metadata for a layer of ours over ``slide_layer`` (see the module docstring)."""
+    meta = slide_layer.metadata
+    slide = meta["slide"]
+    mpp = meta.get("mpp")
+    return {
+        "slide_path": str(meta.get("path")),
+        "slide_name": slide_layer.name,
+        "mpp": tuple(float(v) for v in mpp) if mpp else None,
+        "slide_dimensions": tuple(int(v) for v in slide.dimensions),
+        KEY: {"kind": kind, **info},
+    }
+
+
+def units_of(slide_layer: Any) -> tuple | None:
+    """The slide layer's units, to give our layers the same."""
+    try:
+        return tuple(slide_layer.units)
+    except AttributeError:  # pragma: no cover - older napari
+        return None
+
+
+def edge_width_for(slide_layer: Any) -> float:
+    """A base edge width (world units) that reads well when the whole slide is in view."""
+    meta = slide_layer.metadata
+    width, height = meta["slide"].dimensions
+    mx, my = meta.get("mpp") or (1.0, 1.0)
+    return max(width * mx, height * my) / 700.0
+
+
+def _kwargs_units(slide_layer: Any) -> dict:
+    units = units_of(slide_layer)
+    return {"units": units} if units else {}
+
+
+# --------------------------------------------------------------------------------------------
+# ROI and attention layers
+# --------------------------------------------------------------------------------------------
+
+
+def restyle(layer: Any, class_colors: dict | None = None) -> None:
+    """Colour a Shapes layer of ours by class and review state (io.layerdata.review_style):
+    ROIs keep their lineage colour until classified; accepted = bold, rejected = thin grey."""
+    n = layer.nshapes
+    if n == 0:
+        return
+    feats = layer.features
+    classes = [str(c) if isinstance(c, str) else "" for c in
+               (feats["class"] if "class" in feats else [""] * n)]
+    reviews = list(feats["review"]) if "review" in feats else ["unreviewed"] * n
+    base = None
+    if layer_kind(layer) == "rois" and "id" in feats:
+        from ..io.geojson import branch_color
+
+        base = np.array([[*(c / 255.0 for c in branch_color(str(r))), 1.0]
+                         for r in feats["id"]])
+    elif "color" in layer_info(layer):
+        base = np.asarray(layer_info(layer)["color"], dtype=float)
+        if base.ndim != 2 or len(base) != n:
+            base = None
+    edges, faces, widths = review_style(classes, reviews, class_colors, base)
+    if layer_kind(layer) == "rois":
+        faces[:] = 0.0  # ROIs stay unfilled: the tissue under them is what is reviewed
+    w0 = float(layer_info(layer).get("edge_width", 1.0))
+    layer.edge_color = edges
+    layer.face_color = faces
+    layer.edge_width = list(w0 * widths)
+
+
+def roi_layer_name(slide_layer: Any, layer_no: int) -> str:
+    return f"{slide_layer.name} · L{int(layer_no)} ROIs"
+
+
+def attention_layer_name(slide_layer: Any, layer_no: int) -> str:
+    return f"{slide_layer.name} · L{int(layer_no)} attention"
+
+
+def add_roi_layer(viewer: napari.Viewer, slide_layer: Any, rects: Sequence[np.ndarray],
+                  features: dict, layer_no: int, run: Any, *, committed: bool = False,
+                  name: str | None = None) -> Any:
+    """Add one Shapes layer of rectangles (world µm) with the ROI features table."""
+    w0 = edge_width_for(slide_layer)
+    meta = slide_metadata(slide_layer, "rois", run=run, layer=int(layer_no),
+                          committed=committed, edge_width=w0)
+    layer = viewer.add_shapes(
+        list(rects) if len(rects) else None,
+        shape_type="rectangle",
+        features=features,
+        edge_width=w0,
+        face_color=[0, 0, 0, 0],
+        text={"string": "{id}", "size": 9, "color": TEXT_COLOR, "anchor": "upper_left"},
+        name=name or roi_layer_name(slide_layer, layer_no),
+        metadata=meta,
+        **_kwargs_units(slide_layer),
+    )
+    restyle(layer)
+    return layer
+
+
+def add_attention_layer(viewer: napari.Viewer, slide_layer: Any, placed: AttentionLayerData,
+                        layer_no: int, run: Any, n_maps: int = 1) -> Any:
+    """One Image layer with a magnifying layer's attention (see the module docstring)."""
+    meta = slide_metadata(slide_layer, "attention", run=run, layer=int(layer_no),
+                          maps=int(n_maps), composite=n_maps > 1)
+    meta["box"] = tuple(float(v) for v in placed.box)
+    return viewer.add_image(
+        placed.data,
+        name=attention_layer_name(slide_layer, layer_no),
+        scale=placed.scale,
+        translate=placed.translate,
+        colormap=attention_colormap(),
+        blending=ATTENTION_BLENDING,
+        opacity=ATTENTION_OPACITY,
+        contrast_limits=placed.contrast_limits,
+        metadata=meta,
+        **_kwargs_units(slide_layer),
+    )
+
+
+def add_step_layers(viewer: napari.Viewer, slide_layer: Any, step: MagnifyStep,
+                    run: Any) -> list:
+    """The attention overlay then the ROI rectangles of one step, on top of the layer list
+    (computes the layer data here; the widget computes it in its worker instead)."""
+    meta = slide_layer.metadata
+    data = step_layer_data(step, meta.get("mpp"), meta["slide"].dimensions)
+    return [
+        add_attention_layer(viewer, slide_layer, data.attention, step.layer, run, data.n_maps),
+        add_roi_layer(viewer, slide_layer, data.rois.rects, data.rois.features, step.layer,
+                      run),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# coverage
+# --------------------------------------------------------------------------------------------
+
+
+def coverage_layer_name(slide_layer: Any) -> str:
+    return f"{slide_layer.name} · coverage"
+
+
+def set_coverage_layer(viewer: napari.Viewer, slide_layer: Any, coverage: np.ndarray,
+                       n_layers: int, run: Any, existing: Any = None,
+                       visible: bool = False) -> Any:
+    """Show (or update) the coverage grid as a Labels layer just above the slide.
+
+    Values: ``k`` = the deepest magnifying layer that looked at the tissue there, red
+    (:data:`~napari_magnet.io.layerdata.UNEXAMINED`) = tissue never examined, 0 = glass.
+    Hidden by default (toggle its eye in the layer list): the result line reports the
+    examined fraction.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = coverage_colors(n_layers)
+    cmap = DirectLabelColormap(color_dict={**colors, None: (0.0, 0.0, 0.0, 0.0)})
+    if existing is not None and existing in viewer.layers:
+        existing.data = coverage
+        existing.colormap = cmap
+        return existing
+    meta_slide = slide_layer.metadata
+    dims = meta_slide["slide"].dimensions
+    scale, translate = coverage_placement(dims, coverage.shape, meta_slide.get("mpp"))
+    features = {"index": [0, *range(1, n_layers + 1), UNEXAMINED],
+                "looked at by": ["glass", *(f"layer {k}" for k in range(1, n_layers + 1)),
+                                 "tissue never examined"]}
+    layer = viewer.add_labels(
+        coverage,
+        name=coverage_layer_name(slide_layer),
+        scale=scale,
+        translate=translate,
+        opacity=0.45,
+        colormap=cmap,
+        features=features,
+        visible=visible,
+        metadata=slide_metadata(slide_layer, "coverage", run=run),
+        **_kwargs_units(slide_layer),
+    )
+    # just above its slide
+    try:
+        target = viewer.layers.index(slide_layer) + 1
+        viewer.layers.move(viewer.layers.index(layer), target)
+    except ValueError:  # pragma: no cover - slide removed meanwhile
+        pass
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
+# reopening exported attention maps
+# --------------------------------------------------------------------------------------------
+
+
+def attention_map_layer_tuple(amap: Any, path: str = "") -> tuple:
+    """Layer tuple of an :class:`~napari_magnet.io.ome.AttentionMap` read from OME-TIFF,
+    placed in µm when the file records the slide's mpp (level-0 pixels otherwise)."""
+    placed = attention_layer_data(amap.array, amap.box, amap.mpp)
+    meta = {
+        "slide_path": None,
+        "mpp": tuple(amap.mpp) if amap.mpp else None,
+        "box": tuple(float(v) for v in placed.box),
+        "path": str(path),
+        KEY: {"kind": "attention", "run": "file"},
+    }
+    kwargs = {
+        "name": amap.name or "attention",
+        "scale": placed.scale,
+        "translate": placed.translate,
+        "colormap": attention_colormap(),
+        "blending": ATTENTION_BLENDING,
+        "opacity": ATTENTION_OPACITY,
+        "contrast_limits": placed.contrast_limits,
+        "metadata": meta,
+    }
+    if amap.mpp:
+        kwargs["units"] = ("µm", "µm")
+    return (placed.data, kwargs, "image")

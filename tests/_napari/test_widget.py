@@ -1,0 +1,270 @@
+"""The Magnify widget in a real viewer (Xvfb): runs, overlays, cancel, boxes, errors."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+
+import numpy as np
+import pytest
+from napari.layers import Image, Labels, Shapes
+from napari.utils.notifications import notification_manager
+
+from napari_magnet._napari.layers import layer_info, layer_kind
+from napari_magnet._napari.widget import MagnifyWidget, add_magnify_widget, model_choices
+
+RUN_TIMEOUT = 240_000  # ms: a cold first run imports torchvision and builds the model
+
+
+@pytest.fixture
+def slide_copy(tmp_path, cmu_path):
+    """A writable copy of the CMU slide (autosaves must never land in the shared data)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    target = folder / cmu_path.name
+    shutil.copyfile(cmu_path, target)
+    return target
+
+
+@pytest.fixture
+def setup(make_napari_viewer, qtbot, slide_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MAGNET_DATA_DIR", str(tmp_path / "data"))
+    viewer = make_napari_viewer(show=True)
+    widget = add_magnify_widget(viewer, autosave_delay_ms=200)
+    (slide,) = viewer.open(str(slide_copy), plugin="napari-magnet")
+    qtbot.waitUntil(lambda: any(layer_kind(lyr) == "annotations" for lyr in viewer.layers),
+                    timeout=10_000)
+    return viewer, widget, slide
+
+
+def run_and_wait(qtbot, widget, model="magnet3-lite", device="cpu"):
+    widget.set_model(model)
+    widget.set_device(device)
+    assert widget.run_magnify() is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+
+
+def ours(viewer, kind):
+    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
+
+
+def inside(inner, outer, tol=1e-6):
+    return (inner[:, 0].min() >= outer[:, 0].min() - tol
+            and inner[:, 1].min() >= outer[:, 1].min() - tol
+            and inner[:, 0].max() <= outer[:, 0].max() + tol
+            and inner[:, 1].max() <= outer[:, 1].max() + tol)
+
+
+def test_widget_lists_models_devices_and_is_a_manifest_widget(make_napari_viewer):
+    from npe2 import PluginManifest
+
+    viewer = make_napari_viewer()
+    widget = add_magnify_widget(viewer)
+    names = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert names[:4] == ["magnet3", "magnet4", "magnet3-lite", "ats"]  # no demo shipped
+    assert "demo" not in names and names[-1].startswith("Checkpoint")
+    assert names[:-1] == model_choices()
+    import torch
+
+    cuda_item = widget.device_combo.model().item(2)
+    assert cuda_item.text() == "CUDA"
+    assert cuda_item.isEnabled() == torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert cuda_item.toolTip()
+    # the patches override is only for attention sampling
+    widget.set_model("magnet3-lite")
+    assert not widget.patches_spin.isEnabled()
+    widget.set_model("ats")
+    assert widget.patches_spin.isEnabled()
+    assert not widget.magnify_button.isEnabled()  # no slide yet
+    assert not widget.cancel_button.isEnabled()
+    manifest = PluginManifest.from_distribution("napari-magnet")
+    commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    (contrib,) = manifest.contributions.widgets
+    assert commands[contrib.command].endswith("widget:MagnifyWidget")
+    assert isinstance(widget, MagnifyWidget)
+
+
+def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
+    viewer, widget, slide = setup
+    viewer.reset_view()
+    inserted = []
+    widget.set_model("magnet3-lite")
+    widget.set_device("cpu")
+    assert widget.run_magnify() is not None
+    run = widget.current_run
+
+    def on_insert(event):
+        if layer_kind(event.value) == "rois":
+            inserted.append((layer_info(event.value)["layer"], len(run.steps),
+                             run.result is not None))
+
+    viewer.layers.events.inserted.connect(on_insert)
+    assert widget.cancel_button.isEnabled() and not widget.magnify_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+    assert widget.magnify_button.isEnabled() and not widget.cancel_button.isEnabled()
+    # layers arrive step by step: layer k's ROIs once its step is in, layer 1's well before
+    # the run ends (computing layers 2 and 3 takes longer than adding a layer)
+    assert [k for k, _, _ in inserted] == [1, 2, 3]
+    assert all(n >= k for k, n, _ in inserted)
+    assert inserted[0][2] is False
+    rois = ours(viewer, "rois")
+    assert [lyr.name for lyr in rois] == [f"CMU-1-Small-Region · L{k} ROIs" for k in (1, 2, 3)]
+    assert [lyr.nshapes for lyr in rois] == [3, 6, 18]
+    # deeper layers above shallower ones
+    idx = [viewer.layers.index(lyr) for lyr in rois]
+    assert idx == sorted(idx)
+    # every rectangle inside the slide's world extent, children inside their parents
+    width, height = slide.metadata["slide"].dimensions
+    mpp_x, mpp_y = slide.metadata["mpp"]
+    extent = np.array([[0, 0], [height * mpp_y, width * mpp_x]])
+    boxes = {}
+    for lyr in rois:
+        assert lyr.metadata["mpp"] == (mpp_x, mpp_y)
+        assert lyr.metadata["slide_path"] == slide.metadata["path"]
+        assert layer_info(lyr)["committed"] is True
+        assert set(lyr.features.columns) >= {"id", "parent", "layer", "scale", "level",
+                                             "attention_mass", "aux_probability"}
+        assert list(lyr.text.values) == list(lyr.features["id"])
+        for rect, rid, parent in zip(lyr.data, lyr.features["id"], lyr.features["parent"]):
+            assert inside(rect, extent, tol=1e-3)
+            if parent:
+                assert inside(rect, boxes[parent], tol=1e-3), (rid, parent)
+            boxes[rid] = rect
+    # attention overlays: one per magnifying layer, aligned with the box they cover
+    att = ours(viewer, "attention")
+    assert [lyr.name for lyr in att] == [f"CMU-1-Small-Region · L{k} attention"
+                                         for k in (1, 2, 3)]
+    assert [layer_info(lyr)["maps"] for lyr in att] == [1, 3, 6]
+    for lyr in att:
+        x0, y0, x1, y1 = lyr.metadata["box"]
+        # napari's world extent runs between pixel centres: pixel edges are half a step out
+        (r0, c0), (r1, c1) = lyr.extent.world
+        half_r, half_c = np.asarray(lyr.scale) / 2
+        assert (r0 - half_r, c0 - half_c, r1 + half_r, c1 + half_c) == pytest.approx(
+            (y0 * mpp_y, x0 * mpp_x, y1 * mpp_y, x1 * mpp_x), rel=1e-6, abs=1e-6)
+        # cropped to the slide: every pixel centre lies on it
+        assert r0 >= 0 and c0 >= 0 and r1 <= height * mpp_y and c1 <= width * mpp_x
+    # stacking: L1 attention < L1 ROIs < L2 attention < L2 ROIs < …
+    order = [viewer.layers.index(lyr) for pair in zip(att, rois) for lyr in pair]
+    assert order == sorted(order)
+    (cov,) = ours(viewer, "coverage")
+    assert isinstance(cov, Labels) and viewer.layers.index(cov) == viewer.layers.index(slide) + 1
+    assert "tissue examined" in widget.result_label.text()
+    assert widget.result_label.text().startswith("magnet3-lite: p = ")
+    assert "px processed" in widget.result_label.text()
+    assert widget.progress.value() == widget.progress.maximum() == 3
+
+    # the overlays change the rendered canvas
+    viewer.reset_view()
+    shown = viewer.screenshot(canvas_only=True, flash=False)
+    for lyr in att:
+        lyr.visible = False
+    hidden = viewer.screenshot(canvas_only=True, flash=False)
+    diff = np.abs(shown[..., :3].astype(int) - hidden[..., :3].astype(int))
+    assert (diff.max(axis=-1) > 30).mean() > 0.05
+
+
+def test_ats_run_and_a_second_run_replaces_the_first(setup, qtbot):
+    viewer, widget, slide = setup
+    run_and_wait(qtbot, widget, "ats")
+    (rois,) = ours(viewer, "rois")
+    assert rois.nshapes == 20 and rois.name == "CMU-1-Small-Region · L1 ROIs"
+    assert len(ours(viewer, "attention")) == 1
+    first = set(ours(viewer, "rois") + ours(viewer, "attention"))
+    # the patches override reaches the model
+    widget.patches_spin.setValue(7)
+    run_and_wait(qtbot, widget, "ats")
+    (rois2,) = ours(viewer, "rois")
+    assert rois2.nshapes == 7 and rois2.name == "CMU-1-Small-Region · L1 ROIs"
+    assert not first & set(viewer.layers)
+    assert len(ours(viewer, "coverage")) == 1
+
+
+def test_cancel_ten_times_leaves_no_worker_and_no_layer(setup, qtbot):
+    from superqt.utils._qthreading import WorkerBase
+
+    viewer, widget, slide = setup
+    widget.set_model("magnet3-lite")
+    widget.set_device("cpu")
+    before = [lyr.name for lyr in viewer.layers]
+    outcomes = []
+    widget.run_finished.connect(outcomes.append)
+    for i in range(10):
+        worker = widget.run_magnify()
+        run = widget.current_run
+        shown = []
+
+        def cancel_on_first_step(n, run=run, shown=shown):
+            # right after the first step's layers are in the viewer (GUI thread)
+            if not run.cancelled:
+                shown.append(len(ours(viewer, "rois")))
+                widget.cancel()
+                # hidden at once, removed one per event-loop turn
+                shown.append(sum(lyr.visible for kind in ("rois", "attention", "coverage")
+                                 for lyr in ours(viewer, kind)))
+                shown.append(widget.cancel_button.isEnabled())
+
+        widget.step_shown.connect(cancel_on_first_step)
+        qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+        widget.step_shown.disconnect(cancel_on_first_step)
+        # the first step was shown, and its layers went at once with Cancel
+        assert shown == [1, 0, False]
+        assert run.cancelled and run.cancel_event.is_set()
+        # the worker is gone and its generator closed (it closed the magnify stream itself)
+        qtbot.waitUntil(lambda: not WorkerBase._worker_set, timeout=10_000)
+        assert inspect.getgeneratorstate(worker._gen) == inspect.GEN_CLOSED
+        assert outcomes == ["cancelled"] * (i + 1)
+        assert [lyr.name for lyr in viewer.layers] == before
+        assert widget.magnify_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert not widget.last_runs
+    qtbot.waitUntil(lambda: not WorkerBase._worker_set, timeout=10_000)
+
+
+def test_magnify_inside_a_selected_box(setup, qtbot):
+    viewer, widget, slide = setup
+    mpp_x, mpp_y = slide.metadata["mpp"]
+    # a box in level-0 px x 500..1700, y 900..2400, drawn in a shapes layer of its own scale
+    box_world = np.array([[900 * mpp_y, 500 * mpp_x], [2400 * mpp_y, 1700 * mpp_x]])
+    drawn = viewer.add_shapes([box_world / 2.0], shape_type="rectangle", scale=(2.0, 2.0),
+                              name="my box")
+    drawn.selected_data = {0}
+    viewer.layers.selection.active = drawn
+    assert widget.selected_box() == pytest.approx((500, 900, 1700, 2400))
+    run_and_wait(qtbot, widget)
+    assert widget.region_label.text().startswith("Region: selected box")
+    l1 = next(lyr for lyr in ours(viewer, "rois") if layer_info(lyr)["layer"] == 1)
+    assert l1.nshapes == 3
+    for rect in l1.data:
+        assert inside(rect, box_world, tol=1e-3)
+    assert widget.last_runs[slide.metadata["path"]].box == pytest.approx((500, 900, 1700, 2400))
+
+
+def test_failed_run_reports_and_keeps_earlier_results(setup, qtbot, tmp_path):
+    viewer, widget, slide = setup
+    run_and_wait(qtbot, widget, "ats")
+    earlier = [lyr.name for lyr in viewer.layers]
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    (tmp_path / "broken.json").write_text("{not json")
+    widget.set_checkpoint(str(bad))
+    n0 = len(notification_manager.records)
+    assert widget.run_magnify() is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+    errors = [n for n in notification_manager.records[n0:] if "failed" in str(n.message)]
+    assert errors and "broken" in str(errors[-1].message)
+    assert [lyr.name for lyr in viewer.layers] == earlier
+    assert widget.result_label.text().startswith("Failed:")
+    assert widget.magnify_button.isEnabled()
+    # the viewer still works: another run succeeds
+    run_and_wait(qtbot, widget, "ats")
+    assert len(ours(viewer, "rois")) == 1
+
+
+def test_layer_types_and_metadata_of_a_run(setup, qtbot):
+    viewer, widget, slide = setup
+    run_and_wait(qtbot, widget, "ats")
+    for lyr in ours(viewer, "rois") + ours(viewer, "attention") + ours(viewer, "coverage"):
+        assert isinstance(lyr, (Shapes, Image, Labels))
+        assert lyr.metadata["slide_path"] == slide.metadata["path"]
+        assert lyr.metadata["mpp"] == tuple(slide.metadata["mpp"])
