@@ -156,3 +156,12 @@ def test_cuda_run_matches_cpu_run(cmu_path):
     for a, b in zip(cpu_steps, gpu_steps):
         assert a.region_ids == b.region_ids
         np.testing.assert_allclose(a.boxes, b.boxes, atol=2.0)
+
+
+def test_auxiliary_heads_can_be_skipped(cmu_path, lite):
+    with open_slide(cmu_path) as slide:
+        with_aux, a = run(slide, lite)
+        without, b = run(slide, lite, aux_heads=False)
+    assert all(s.aux_probability is None for s in without)
+    assert a.probability == b.probability
+    np.testing.assert_array_equal(with_aux[-1].boxes, without[-1].boxes)
