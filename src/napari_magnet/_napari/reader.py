@@ -19,6 +19,9 @@ def slide_layer_data(slide: Slide) -> tuple:
         "scale": scale,
         "units": ("µm", "µm") if slide.mpp else ("pixel", "pixel"),
         "metadata": meta,
+        # Our chunk cache already keeps decoded tiles; napari's dask cache would hold a
+        # second copy outside the slide's memory bound.
+        "cache": False,
     }
     data = slide.pyramid if slide.level_count > 1 else slide.pyramid[0]
     return (data, kwargs, "image")

@@ -209,7 +209,7 @@ class RegionReader:
             if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
                 window = window.copy()
             source = torch.from_numpy(window).to(self.device, non_blocking=True)
-            source = source.permute(2, 0, 1)[None].float()
+            source = source.permute(2, 0, 1)[None].float().contiguous()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
             resampled = roi_align(source, box.to(self.device), output_size=(j1 - j0, i1 - i0),

@@ -98,7 +98,7 @@ class OpenSlideBackend:
         except openslide.OpenSlideError as error:
             self._discard(osr)
             raise SlideError(self.path, f"pixels cannot be decoded: {error}") from error
-        if image.getextrema()[3][0] == 255:  # fully opaque: PIL drops alpha in C
+        if image.getchannel("A").getextrema()[0] == 255:  # opaque: PIL drops alpha in C
             return np.asarray(image.convert("RGB"))
         return composite_on_background(np.asarray(image), self.background)
 

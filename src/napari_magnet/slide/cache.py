@@ -73,11 +73,11 @@ class ChunkCache:
                 self.misses += 1
             try:
                 value = compute()
+                value.setflags(write=False)
+                self._store(key, value)  # stored before the key lock opens: no second decode
             finally:
                 with self._lock:
                     self._pending.pop(key, None)
-            value.setflags(write=False)
-            self._store(key, value)
             return value
 
     def _store(self, key: Hashable, value: np.ndarray) -> None:
