@@ -1,7 +1,8 @@
 """Run every benchmark and write benchmarks/RESULTS.md.
 
 Usage: ``python -m benchmarks.run [name ...]`` (names: the ``bench_*`` modules without the
-prefix; default all). Each module exposes ``run() -> list[Section]``.
+prefix; default all). Each module exposes ``run() -> list[Section] | None``; None means the
+benchmark cannot run on this machine (the GPU one without CUDA) and keeps its recorded figures.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== benchmark {name}", flush=True)
         try:
             module = importlib.import_module(f"benchmarks.bench_{name}")
-            body = "\n".join(s.markdown() for s in module.run())
+            sections = module.run()
+            if sections is None:  # nothing measurable here: keep the figures already recorded
+                print(f"   {name}: kept {PARTS / (name + '.md')}")
+                continue
+            body = "\n".join(s.markdown() for s in sections)
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             failed += 1
             traceback.print_exc()
