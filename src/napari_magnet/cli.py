@@ -1,4 +1,4 @@
-"""The ``napari-magnet`` command: demo, info, synth, magnify.
+"""The ``napari-magnet`` command: demo, info, synth, magnify, train, evaluate.
 
 Heavy imports (torch, napari) happen inside the verbs that need them.
 """
@@ -84,7 +84,8 @@ def cmd_magnify(args: argparse.Namespace) -> int:
         steps = []
         result = None
         for item in magnify(slide, model, device=args.device, box=args.box, rule=args.rule,
-                            n_patches=args.n_patches, seed=args.seed):
+                            n_patches=args.n_patches, seed=args.seed,
+                            aux_heads=not args.no_aux):
             if isinstance(item, MagnifyResult):
                 result = item
             else:
@@ -95,6 +96,71 @@ def cmd_magnify(args: argparse.Namespace) -> int:
           f"{result.pixels_processed:,} values processed, {result.pixels_read:,} read; "
           f"{result.seconds:.2f} s")
     print(f"wrote {len(paths)} files into {args.out}")
+    return 0
+
+
+def _classes(text: str) -> tuple[str, ...]:
+    return tuple(c.strip().lower() for c in text.split(",") if c.strip())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.training import TrainOptions, train
+
+    options = TrainOptions(
+        slides=args.slides, out=args.out, model=args.model, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, device=args.device, resume=args.resume,
+        val_fraction=args.val_fraction, seed=args.seed, ats_learning=args.ats_learning,
+        entropy_weight=args.entropy_weight, augment=not args.no_augment,
+        exclude_classes=args.exclude_classes, workers=args.workers, rule=args.rule,
+        progress=not args.quiet)
+    try:
+        result = train(options)
+    except KeyboardInterrupt:
+        print(f"interrupted; completed epochs are saved in {args.out}: continue with "
+              f"--resume {args.out}", file=sys.stderr)
+        return 130
+    best = result.best_metric
+    auroc = best.get("val_auroc")
+    print(f"{result.epochs_done} epoch(s) done; best epoch {result.best_epoch}"
+          + (f" (validation AUROC {auroc:.3f}, accuracy {best.get('val_accuracy'):.3f})"
+             if auroc is not None else ""))
+    print(f"best model: {result.best_checkpoint}; metrics: {result.metrics_csv}; "
+          f"curve: {result.curve_png}; resume with --resume {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine.cohort import read_cohort
+    from .engine.evaluation import evaluate_cohort, markdown_table, summarize, write_report
+    from .models.registry import load_model
+
+    records = read_cohort(args.slides, exclude_classes=args.exclude_classes)
+    model = load_model(args.model, device=args.device)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), unit="slide", file=sys.stderr)
+
+    def report(done: int, total: int, outcome) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    outcomes = evaluate_cohort(records, model, device=args.device, rule=args.rule,
+                               seed=args.seed, progress=report)
+    if bar is not None:
+        bar.close()
+    rows = summarize(outcomes)
+    title = (f"{getattr(model, 'model_name', args.model)} on {args.slides} "
+             f"({len(outcomes)} slides)")
+    print(markdown_table(rows, title=title), end="")
+    if args.out:
+        meta = {"model": str(args.model),
+                "checkpoint_sha256": getattr(model, "checkpoint_sha256", ""),
+                "cohort": str(args.slides), "slides": len(outcomes), "rule": args.rule,
+                "device": str(args.device), "seed": args.seed}
+        path = write_report(args.out, rows, outcomes, meta)
+        print(f"wrote {path}")
     return 0
 
 
@@ -159,7 +225,50 @@ def build_parser() -> argparse.ArgumentParser:
     mag.add_argument("--n-patches", type=_positive_int, default=None,
                      help="patches drawn by an attention-sampling model")
     mag.add_argument("--seed", type=int, default=0)
+    mag.add_argument("--no-aux", action="store_true",
+                     help="skip MagNet's auxiliary per-layer predictions (faster)")
     mag.set_defaults(func=cmd_magnify)
+
+    tr = verbs.add_parser("train", help="train a model on a cohort CSV of slides")
+    tr.add_argument("--slides", required=True, help="cohort CSV: path,label[,lesion_class,"
+                    "lesion_boxes] (see README, 'Training on your own slides')")
+    tr.add_argument("--model", default=None, help="magnet3, magnet4, magnet3-lite or ats "
+                    "(required unless resuming)")
+    tr.add_argument("--epochs", type=_positive_int, default=10, help="total epochs of the run")
+    tr.add_argument("--batch-size", type=_positive_int, default=None,
+                    help="slides per step (default 16 for magnet3, 8 for magnet4 and ats)")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default 3e-5 for MagNet as in the paper, 1e-3 for ats)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curve)")
+    tr.add_argument("--resume", default=None, help="a run folder (or its train_state.json) "
+                    "to continue, or a model checkpoint to start from")
+    tr.add_argument("--val-fraction", type=float, default=0.2,
+                    help="fraction of each lesion class held out for validation")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--ats-learning", choices=("expectation", "reinforce"),
+                    default="expectation", help="how an ats model learns its attention")
+    tr.add_argument("--entropy-weight", type=float, default=0.01,
+                    help="REINFORCE entropy regularisation weight")
+    tr.add_argument("--exclude-classes", type=_classes, default=(),
+                    help="comma-separated lesion classes to leave out, e.g. itc")
+    tr.add_argument("--no-augment", action="store_true", help="no flips/rotations")
+    tr.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    tr.add_argument("--rule", choices=("enough", "paper"), default="enough")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    ev = verbs.add_parser("evaluate", help="AUROC/accuracy of a model on a cohort CSV")
+    ev.add_argument("--slides", required=True, help="cohort CSV")
+    ev.add_argument("--model", default="demo", help="a checkpoint path or a model name")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev.add_argument("--out", default=None, help="also write the report (.json or .md)")
+    ev.add_argument("--rule", choices=("enough", "paper"), default="enough")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (ats)")
+    ev.add_argument("--exclude-classes", type=_classes, default=(),
+                    help="comma-separated lesion classes to leave out")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
