@@ -22,7 +22,7 @@
   (3 layers) or 8 (4 layers). Attention sampling: two Adams (lr 1e-3; the attention one
   with betas (0.999, 0.999)), the expectation estimator by default, REINFORCE (running
   baseline, entropy regularisation) with ``ats_learning="reinforce"``. Mixed precision
-  (``torch.autocast`` fp16 + ``GradScaler``) only on CUDA.
+  (``torch.autocast`` bf16, or fp16 + ``GradScaler`` on GPUs without bf16) only on CUDA.
 * **Every epoch:** validation AUROC and accuracy, ``metrics.csv`` and
   ``learning_curve.png`` rewritten from the history, the model after the epoch as
   ``last.safetensors`` + ``.json``, the best one (validation AUROC, then accuracy, then lower
@@ -269,6 +269,13 @@ class CosineSchedule:
 # ----------------------------------------------------------------------------- tasks
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Mixed-precision type on ``device``: bfloat16 where the GPU supports it, else float16."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, keys)]))
 
@@ -353,7 +360,8 @@ class _MagNetTask:
 
     def loss(self, images, labels, batch: _Batch, epoch_gen, amp: bool):
         lo, hi = self._inputs(images, batch)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
+                            enabled=amp):
             out = self.model(lo, hi, self._read_hi(batch))
         loss, parts = self.model.loss(out, labels)
         return loss, {k: parts[k] for k in self.parts}, out.probability.detach().float().cpu()
@@ -449,7 +457,8 @@ class _ATSTask:
         if batch.ops:
             view = torch.stack([op.apply(x) for op, x in zip(batch.ops, view)])
         target = labels.to(self.device).long()
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
+                            enabled=amp):
             att = self._masked_attention(view, batch)
             indices, sampled = model.sample(att, cfg.n_patches, cfg.replace, generator)
             centres = model.positions_to_centres(indices, att.shape[-2:], view.shape[-2:])
@@ -959,7 +968,8 @@ def train(options: TrainOptions) -> TrainResult:
     schedule = CosineSchedule(list(task.optimizers.values()), options.epochs * steps_per_epoch,
                               enabled=task.schedule_enabled)
     amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    # bf16 has fp32's range (no overflow, no loss scaling); fp16 + GradScaler where it's absent.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(device) == torch.float16)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     first_epoch = 1
@@ -1026,6 +1036,12 @@ def train(options: TrainOptions) -> TrainResult:
                     task, val_set, val_records, list(range(len(val_records))), batch_size,
                     options, pool, reader_pool, train=False, epoch=epoch, amp=amp,
                     desc="validation")
+                if not np.all(np.isfinite(val_probs)):
+                    raise RuntimeError(
+                        f"epoch {epoch}: the model gave non-finite validation probabilities "
+                        f"({int((~np.isfinite(np.asarray(val_probs))).sum())} of "
+                        f"{len(val_probs)} slides); its weights diverged. Resume from the "
+                        f"last good state in {out} with a lower --lr, or train on the CPU")
                 row.update(val_loss=val_loss, val_auroc=auroc(val_labels, val_probs),
                            val_accuracy=accuracy(val_labels, val_probs))
             else:
