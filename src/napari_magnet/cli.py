@@ -140,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(records), unit="slide", file=sys.stderr)
+        bar = tqdm(total=len(records), unit="slide", file=sys.stderr, disable=None)
 
     def report(done: int, total: int, outcome) -> None:
         if bar is not None:

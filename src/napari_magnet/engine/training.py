@@ -831,7 +831,8 @@ def _run_epoch(task, dataset: SlideDataset, records: list[SlideRecord], order: S
     if options.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(order), desc=desc, unit="slide", leave=False, file=sys.stderr)
+        bar = tqdm(total=len(order), desc=desc, unit="slide", leave=False, file=sys.stderr,
+                   disable=None)  # no bar when stderr is not a terminal (logs stay readable)
     try:
         for data in loader:
             idx = data["index"].tolist()
