@@ -374,3 +374,14 @@ def test_backbone_imagenet_weights_from_file(tmp_path, fmt):
     with pytest.raises(ValueError, match="missing keys.*layer4"):
         load_imagenet_weights(build_backbone("resnet18").trunk, tmp_path / "bad.safetensors")
     assert build_backbone("small").out_features == 64
+
+
+def test_shipped_demo_model_loads_and_says_what_it_is():
+    from napari_magnet.models import registry
+
+    if not registry.DEMO_CHECKPOINT.is_file():
+        pytest.skip("no demo model shipped in this checkout")
+    demo = load_model("demo", device="cpu")
+    assert demo.model_name == "demo" and len(demo.checkpoint_sha256) == 64
+    notes = json.loads(registry.DEMO_CHECKPOINT.with_suffix(".json").read_text())
+    assert "not for diagnosis" in notes["provenance"]["notes"].lower()
