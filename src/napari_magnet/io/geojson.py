@@ -389,7 +389,7 @@ def _finite_measurements(measurements: dict) -> dict[str, float | int]:
 
 
 def _json_safe(value: Any) -> Any:
-    """Make preserved properties JSON-serialisable (numpy scalars/arrays, tuples, NaN→None)."""
+    """JSON types for numpy scalars/arrays, tuples and paths; non-finite floats → None."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -403,6 +403,8 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         f = float(value)
         return f if math.isfinite(f) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if value is None or isinstance(value, str):
         return value
     return str(value)

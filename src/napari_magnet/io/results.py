@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .geojson import Annotation, _atomic_write_text, steps_to_annotations, write_geojson
+from .geojson import _json_safe as _jsonable
 from .ome import write_attention_ome_tiff
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -50,28 +51,6 @@ _ATTENTION_RE = re.compile(r"^attention_L\d+_\d+\.ome\.tif$")
 def attention_file_name(layer: int, index: int) -> str:
     """``attention_L{layer}_{index}.ome.tif``."""
     return f"attention_L{int(layer)}_{int(index)}.ome.tif"
-
-
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays, tuples, paths → JSON types; non-finite floats → ``None``."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
 
 
 def layer_summary(step: MagnifyStep) -> dict:
