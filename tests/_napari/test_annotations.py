@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 
 import numpy as np
@@ -24,14 +23,6 @@ from napari_magnet._napari.widget import add_magnify_widget
 DELAY_MS = 200
 
 
-@pytest.fixture
-def slide_copy(tmp_path, cmu_path):
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    target = folder / cmu_path.name
-    shutil.copyfile(cmu_path, target)
-    yield target
-    folder.chmod(0o755)
 
 
 @pytest.fixture

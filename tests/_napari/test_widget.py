@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import shutil
 
 import numpy as np
 import pytest
@@ -17,25 +16,8 @@ from napari_magnet._napari.widget import (MagnifyWidget, add_magnify_widget, dem
 RUN_TIMEOUT = 240_000  # ms: a cold first run imports torchvision and builds the model
 
 
-@pytest.fixture
-def slide_copy(tmp_path, cmu_path):
-    """A writable copy of the CMU slide (autosaves must never land in the shared data)."""
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    target = folder / cmu_path.name
-    shutil.copyfile(cmu_path, target)
-    return target
 
 
-@pytest.fixture
-def setup(make_napari_viewer, qtbot, slide_copy, tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MAGNET_DATA_DIR", str(tmp_path / "data"))
-    viewer = make_napari_viewer(show=True)
-    widget = add_magnify_widget(viewer, autosave_delay_ms=200)
-    (slide,) = viewer.open(str(slide_copy), plugin="napari-magnet")
-    qtbot.waitUntil(lambda: any(layer_kind(lyr) == "annotations" for lyr in viewer.layers),
-                    timeout=10_000)
-    return viewer, widget, slide
 
 
 def run_and_wait(qtbot, widget, model="magnet3-lite", device="cpu"):

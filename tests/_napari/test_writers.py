@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -17,23 +16,8 @@ from napari_magnet._napari.widget import add_magnify_widget
 from napari_magnet.io.ome import read_attention_ome_tiff
 
 
-@pytest.fixture
-def slide_copy(tmp_path, cmu_path):
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    target = folder / cmu_path.name
-    shutil.copyfile(cmu_path, target)
-    return target
 
 
-@pytest.fixture
-def setup(make_napari_viewer, qtbot, slide_copy, tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MAGNET_DATA_DIR", str(tmp_path / "data"))
-    viewer = make_napari_viewer(show=True)
-    widget = add_magnify_widget(viewer, autosave_delay_ms=200)
-    (slide,) = viewer.open(str(slide_copy), plugin="napari-magnet")
-    qtbot.waitUntil(lambda: bool(ours(viewer, "annotations")), timeout=10_000)
-    return viewer, widget, slide
 
 
 def ours(viewer, kind):
