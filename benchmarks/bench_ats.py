@@ -1,7 +1,7 @@
 """Attention sampling vs MagNet on the same gigapixel slide, in one run.
 
 Magnify time (wall and CPU seconds), pixels the networks see and pixels read from the
-pyramid, for ``ats``, ``magnet3`` and ``magnet3-lite`` (random weights), interleaved after one
+pyramid, for ``ats``, ``ats-2level``, ``magnet3`` and ``magnet3-lite`` (random weights), interleaved after one
 warm-up each, medians of ``REPEATS``.
 """
 
@@ -14,7 +14,7 @@ import time
 from .bench_magnify import run_isolated
 from .common import Section, big_slide_path
 
-MODELS = ("ats", "magnet3", "magnet3-lite")
+MODELS = ("ats", "ats-2level", "magnet3", "magnet3-lite")
 REPEATS = 3
 
 
@@ -77,6 +77,7 @@ def sections() -> list[Section]:
             f"{r.pixels_read:,}",
         ])
     ats_cfg = models["ats"].config
+    two = models["ats-2level"].config
     notes = [
         f"Same slide, same process, one warm-up each; medians of {REPEATS} interleaved warm "
         f"runs (chunk cache warm); 'cold' is each model's first run on a freshly opened "
@@ -86,15 +87,22 @@ def sections() -> list[Section]:
         f"{ats_cfg.n_patches} patches of {ats_cfg.patch_size}² at {ats_cfg.patch_level_scale:g} "
         f"level-0 px per patch px; pixels processed = (view + N·P²)·3. MagNet counts "
         f"(10·56² + 18·224²)·3 for 3 layers.",
+        f"`ats-2level`: {two.n_regions} regions of {two.region_size}² at "
+        f"{two.region_level_scale:g} level-0 px per region px drawn from the view's attention, "
+        f"then attention again inside each region and {two.n_patches} patches per region "
+        f"({two.total_patches} in all, same patch size and scale as `ats`); pixels processed = "
+        f"(view + N1·R² + N1·N2·P²)·3; two steps stream.",
         f"`ats` takes {wall['ats'] / wall[ref]:.3f}× the time of `magnet3` and sees "
         f"{results['ats'].pixels_processed / results[ref].pixels_processed:.3f}× its pixels; "
+        f"`ats-2level` {wall['ats-2level'] / wall[ref]:.3f}× and "
+        f"{results['ats-2level'].pixels_processed / results[ref].pixels_processed:.3f}×; "
         f"`magnet3-lite` (small backbones) takes {wall['magnet3-lite'] / wall[ref]:.2f}× "
         f"`magnet3`'s time for the same pixels processed.",
     ]
     return [Section(
         title="ATS vs MagNet — Magnify time and pixels on the generated slide",
-        goal="report Magnify time and pixels processed of `ats` against `magnet3` and "
-             "`magnet3-lite`, in one run",
+        goal="report Magnify time and pixels processed of `ats` (one and two levels) against "
+             "`magnet3` and `magnet3-lite`, in one run",
         header=["model", "params", "wall s (median)", "CPU s (median)", "× magnet3 time",
                 "cold wall s", "pixels processed", "× magnet3 pixels", "pixels read"],
         rows=rows, notes=notes)]

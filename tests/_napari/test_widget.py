@@ -165,6 +165,19 @@ def test_ats_run_and_a_second_run_replaces_the_first(setup, qtbot):
     assert len(ours(viewer, "coverage")) == 1
 
 
+def test_two_level_ats_run_streams_regions_then_patches(setup, qtbot):
+    viewer, widget, slide = setup
+    widget.patches_spin.setValue(3)  # patches per region for a two-level model
+    run_and_wait(qtbot, widget, "ats-2level")
+    l1, l2 = ours(viewer, "rois")
+    assert (l1.name, l2.name) == ("CMU-1-Small-Region · L1 ROIs", "CMU-1-Small-Region · L2 ROIs")
+    assert l1.nshapes == 5 and l2.nshapes == 15
+    assert list(l2.features["parent"]) == [p for p in l1.features["id"] for _ in range(3)]
+    assert list(l2.features["id"])[:3] == ["1.1", "1.2", "1.3"]
+    assert [layer_info(lyr)["maps"] for lyr in ours(viewer, "attention")] == [1, 5]
+    assert widget.result_label.text().startswith("ats-2level: p = ")
+
+
 def test_cancel_ten_times_leaves_no_worker_and_no_layer(setup, qtbot):
     from superqt.utils._qthreading import WorkerBase
 

@@ -108,6 +108,60 @@ def test_ats_trains_from_the_cli(cohort_csv, tmp_path, learning, capsys):
         assert load_model(warm / "last.json", device="cpu").model_name == "ats"
 
 
+@pytest.mark.parametrize("learning", ["expectation", "reinforce"])
+def test_two_level_ats_trains_from_the_cli(cohort_csv, tmp_path, learning):
+    run = tmp_path / learning
+    assert main(train_args(cohort_csv, run, "--model", "ats-2level", "--epochs", "1",
+                           "--ats-learning", learning)) == 0
+    check_run_outputs(run, 1, "ats-2level")
+    meta, tensors = load_training_state(run)
+    # the region attention network is trained by the attention optimizer
+    before = load_model("ats-2level", device="cpu").state_dict()
+    after = load_model(run / "last.safetensors", device="cpu").state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("region_attention_net.") for k in changed)
+    assert any(k.startswith("attention_net.") for k in changed)
+    assert any(k.startswith("feature_net.") for k in changed)
+    if learning == "reinforce":
+        assert float(metrics(run)[0]["train_attention"]) != 0.0
+
+
+@pytest.mark.parametrize("k,flip", [(1, False), (2, True)])
+def test_ats_region_and_patch_reads_follow_the_augmentation(cohort_csv, k, flip):
+    """A two-level read at augmented centres shows what the augmented slide shows there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_magnet.engine.training import _ATSTask, _Batch
+
+    records = [r for r in read_cohort(cohort_csv) if r.label == 1][:1]
+    model = load_model("ats-2level", device="cpu")
+    cfg = model.config
+    task = _ATSTask(model, TrainOptions(slides="", out=""), torch.device("cpu"))
+    op = Dihedral(k, flip)
+    with SlidePool() as pool, ThreadPoolExecutor(2) as threads:
+        batch = _Batch(records, pool, [op], threads)
+        reader = batch.entries[0][1]
+        frame = batch.frames[0]
+        size = 1024
+        whole = op.apply(_letterboxed(reader, batch.frames[:1], batch.visible[:1], size))
+        centres = torch.tensor([[[[0.3, 0.6], [0.55, 0.45]]]])  # (B, 1 parent, 2, 2)
+        regions = task._child_frames(batch, [batch.frames[:1]], centres, cfg.region_side)
+        got = task._read(batch, regions, cfg.region_size)
+        # reference: the augmented whole slide cropped around the same centres
+        px = cfg.region_side / (frame[2] - frame[0]) * size
+        for i, (cx, cy) in enumerate(centres[0, 0].tolist()):
+            x0, y0 = round(cx * size - px / 2), round(cy * size - px / 2)
+            crop = whole[:, :, y0:y0 + round(px), x0:x0 + round(px)]
+            want = F.interpolate(crop, size=(8, 8), mode="area")
+            error = (F.interpolate(got[i:i + 1], size=(8, 8), mode="area") - want).abs().mean()
+            assert error < 0.04
+        # patches inside an augmented region: the centre of the region is the region's centre
+        sub = torch.full((1, 2, 1, 2), 0.5)
+        patches = task._child_frames(batch, regions, sub, cfg.patch_side)[0]
+        np.testing.assert_allclose((patches[:, :2] + patches[:, 2:]) / 2,
+                                   (regions[0][:, :2] + regions[0][:, 2:]) / 2)
+
+
 def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, tmp_path):
     """A real Ctrl-C (SIGINT) during epoch 2, then --resume: same result as no interruption."""
     run = tmp_path / "interrupted"

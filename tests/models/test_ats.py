@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -68,7 +69,8 @@ def test_config_roundtrip_hash_and_frozen():
 
 
 def test_named_configs():
-    assert set(ATS_CONFIGS) == {"ats", "ats-p50-n1", "ats-p50-n5", "ats-p50-n20", "ats-p20-n5"}
+    assert set(ATS_CONFIGS) == {"ats", "ats-p50-n1", "ats-p50-n5", "ats-p50-n20", "ats-p20-n5",
+                                "ats-2level"}
     for name, factory in ATS_CONFIGS.items():
         c = factory()
         assert c.name == name
@@ -85,9 +87,27 @@ def test_named_configs():
         build_ats("nope")
 
 
-def test_two_level_is_refused():
-    with pytest.raises(NotImplementedError):
-        AttentionSampling(ATSConfig(two_level=True))
+def test_two_level_config():
+    one = ATSConfig()
+    # one-level configs do not carry (or hash) the two-level fields
+    assert not set(ATSConfig.TWO_LEVEL_FIELDS) & set(one.to_dict())
+    two = ATS_CONFIGS["ats-2level"]()
+    d = two.to_dict()
+    assert set(ATSConfig.TWO_LEVEL_FIELDS) <= set(d) and d["two_level"] is True
+    assert ATSConfig.from_dict(json.loads(json.dumps(d))) == two
+    assert (two.n_regions, two.n_patches, two.total_patches) == (5, 4, 20)
+    assert (two.region_side, two.patch_side) == (1024.0, 200.0)
+    m = AttentionSampling(two)
+    assert m.region_attention_net is not None and m.attention_net is not m.region_attention_net
+    att_ids = {id(p) for p in m.attention_parameters()}
+    assert {id(p) for p in m.region_attention_net.parameters()} <= att_ids
+    assert m.pixels_processed((256, 256)) == (256 * 256 + 5 * 64 * 64 + 20 * 50 * 50) * 3
+    with pytest.raises(ValueError, match="must fit inside its region"):
+        ATSConfig(two_level=True, region_size=10, region_level_scale=4.0)
+    with pytest.raises(ValueError):
+        ATSConfig(two_level=True, n_regions=0)
+    with pytest.raises(ValueError, match="one-level"):
+        AttentionSampling(one).region_attention(torch.rand(1, 3, 8, 8))
 
 
 # ------------------------------------------------------------------------------- components
@@ -261,6 +281,104 @@ def test_classify_gradient_unbiased_by_exact_enumeration(replace):
     torch.testing.assert_close(e_gw, g_w_true, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_two_level_estimate_unbiased_by_exact_enumeration(replace):
+    """Two-level: E over every ordered region draw and, independently per drawn region, every
+    ordered patch draw, of the logits and their gradients (to both attentions' logits and to
+    the feature network) equals the exact nested model ``Σ_k a_k Σ_j a'_{kj} f_{kj}``."""
+    torch.manual_seed(1)
+    k1, n1, k2, n2 = 3, 2, 3, 2
+    cfg = ATSConfig(patch_size=5, n_patches=n2, feature_dim=3, two_level=True, n_regions=n1,
+                    region_size=3, region_level_scale=2.0, patch_level_scale=1.0)
+    m = AttentionSampling(cfg).double()
+    theta0 = torch.tensor([0.4, -0.7, 0.2], dtype=torch.float64)
+    phi0 = torch.tensor([[0.1, 0.9, -0.5], [-0.3, 0.0, 0.6], [1.2, -0.8, 0.3]], dtype=torch.float64)
+    patches_all = torch.rand(k1, k2, 3, 5, 5, dtype=torch.float64)
+    v = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    w = m.feature_net.proj.weight
+
+    def grads(logits_row, theta, phi):
+        return torch.autograd.grad(v @ logits_row, (theta, phi, w))
+
+    theta, phi = theta0.clone().requires_grad_(), phi0.clone().requires_grad_()
+    a, b = theta.softmax(0), phi.softmax(1)
+    f = m.feature_net(patches_all.reshape(-1, 3, 5, 5)).reshape(k1, k2, -1)
+    exact_logits = m.classifier((a[:, None] * (b[:, :, None] * f).sum(1)).sum(0))
+    true = grads(exact_logits, theta, phi)
+
+    def ordered(k, n, probs):
+        draws = itertools.product(range(k), repeat=n) if replace else itertools.permutations(range(k), n)
+        for s in draws:
+            p, used = 1.0, 0.0
+            for j in s:
+                p *= float(probs[j]) / (1.0 if replace else 1.0 - used)
+                used += float(probs[j])
+            yield s, p
+
+    a0, b0 = theta0.softmax(0), phi0.softmax(1)
+    total, e_logits, e_grads = 0.0, 0.0, [0.0, 0.0, 0.0]
+    for s1, p1 in ordered(k1, n1, a0):
+        inner = [list(ordered(k2, n2, b0[r])) for r in s1]
+        for combo in itertools.product(*inner):
+            p = p1 * math.prod(q for _, q in combo)
+            theta, phi = theta0.clone().requires_grad_(), phi0.clone().requires_grad_()
+            att = theta.softmax(0).reshape(1, 1, k1)
+            region_att = phi.softmax(1)[list(s1)].reshape(n1, 1, k2)
+            region_idx = torch.tensor([list(s2) for s2, _ in combo])
+            patches = torch.stack([patches_all[r, j] for r, (s2, _) in zip(s1, combo) for j in s2])
+            logits, _ = m.classify_two_level(patches, att, torch.tensor([s1]), region_att,
+                                             region_idx, replace=replace)
+            g = grads(logits[0], theta, phi)
+            total += p
+            e_logits = e_logits + p * logits[0].detach()
+            e_grads = [e + p * gi for e, gi in zip(e_grads, g)]
+    assert total == pytest.approx(1.0, abs=1e-12)
+    torch.testing.assert_close(e_logits, exact_logits.detach(), rtol=0, atol=1e-10)
+    for got, want in zip(e_grads, true):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # the region attention's gradient is far from zero next to the 1e-10 tolerance, so a
+    # dropped or biased inner gradient would be caught
+    assert true[1].abs().max() > 1e-5
+
+
+def test_two_level_forward_reads_regions_then_patches_inside_them():
+    torch.manual_seed(0)
+    cfg = ATSConfig(patch_size=6, n_patches=3, feature_dim=5, two_level=True, n_regions=2,
+                    region_size=12, region_level_scale=2.0, patch_level_scale=1.0)
+    m = AttentionSampling(cfg)
+    image = torch.rand(3, 96, 96)
+    view = F.interpolate(image[None], size=(16, 16), mode="area").expand(2, -1, -1, -1).contiguous()
+    region_side = 24 / 96  # 12 region pixels × 2 image pixels each, as a fraction of the view
+    seen = {}
+
+    def read_regions(centres):
+        seen["regions"] = centres.clone()
+        full = crop_reader(image, 24)(centres)
+        return F.interpolate(full, size=(12, 12), mode="area")
+
+    def read_patches(region_centres, patch_centres):
+        b, n1 = region_centres.shape[:2]
+        # patch centres are region-normalised: back to view-normalised coordinates
+        origin = (region_centres - region_side / 2).reshape(b * n1, 1, 2)
+        seen["patches"] = origin + patch_centres * region_side
+        return crop_reader(image, 6)(seen["patches"])
+
+    out = m(view, read_patches, torch.Generator().manual_seed(3), read_regions=read_regions)
+    assert out.logits.shape == (2, 2) and out.patches.shape == (2 * 2 * 3, 3, 6, 6)
+    assert out.region_attention.shape == (4, 12, 12)
+    assert out.region_indices.shape == (4, 3) and out.region_centres.shape == (4, 3, 2)
+    assert out.draw_log_probs.shape == (2, 2 + 2 * 3)
+    torch.testing.assert_close(out.region_attention.sum(dim=(1, 2)), torch.ones(4))
+    # every patch centre lies inside its region
+    centres = seen["regions"].reshape(4, 1, 2)
+    assert ((seen["patches"] - centres).abs() <= region_side / 2).all()
+    out.logits.sum().backward()
+    for net in (m.attention_net, m.region_attention_net, m.feature_net):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    with pytest.raises(ValueError, match="read_regions"):
+        m(view, read_patches)
+
+
 # ---------------------------------------------------------------------------- REINFORCE
 
 
@@ -309,5 +427,11 @@ def test_registered_with_the_registry_and_checkpoint_roundtrip(tmp_path):
     assert isinstance(loaded, AttentionSampling) and loaded.config == m.config
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
     assert checkpoints.read_checkpoint(tmp_path / "ats").config_hash == m.config.config_hash()
-    with pytest.raises(ValueError):
-        registry.build_architecture("ats", {**m.config.to_dict(), "two_level": True})
+    with pytest.raises(ValueError):  # a patch that does not fit in its region
+        registry.build_architecture("ats", {**m.config.to_dict(), "two_level": True,
+                                            "region_size": 4, "region_level_scale": 1.0})
+    two = registry.load_model("ats-2level", device="cpu")
+    checkpoints.save_checkpoint(two, tmp_path / "two")
+    loaded = registry.load_model(str(tmp_path / "two.safetensors"), device="cpu")
+    assert loaded.config == two.config and loaded.region_attention_net is not None
+    assert all(torch.equal(a, b) for a, b in zip(two.state_dict().values(), loaded.state_dict().values()))

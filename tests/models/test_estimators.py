@@ -254,6 +254,19 @@ def test_reinforce_loss_value_and_entropy_term():
     assert torch.isfinite(est.attention_negentropy(att)).all()  # 0 log 0 = 0
 
 
+def test_entropy_gradient_is_finite_where_attention_is_masked_to_zero():
+    """Attention masked outside the slide is exactly 0 there; the entropy term must not turn
+    the whole gradient into NaN (d(a log a)/d(log-space) at a = 0)."""
+    theta = torch.tensor([0.3, -0.2, 1.0, 0.5], dtype=DT, requires_grad=True)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=DT)
+    masked = theta.softmax(0) * mask
+    att = (masked / masked.sum())[None]
+    est.attention_negentropy(att).sum().backward()
+    assert torch.isfinite(theta.grad).all() and abs(float(theta.grad[2])) < 1e-12
+    a = att[0, [0, 1, 3]]
+    assert float(est.attention_negentropy(att)) == pytest.approx(float((a * a.log()).sum()))
+
+
 def test_entropy_regulariser_spreads_attention():
     theta = torch.tensor([2.0, 0.0, 0.0, 0.0], requires_grad=True)
     opt = est.make_attention_optimizer([theta], lr=0.05)

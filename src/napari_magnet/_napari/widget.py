@@ -401,8 +401,9 @@ class MagnifyWidget(QWidget):
         self.patches_spin = QSpinBox()
         self.patches_spin.setRange(0, 100_000)
         self.patches_spin.setSpecialValueText("model default")
-        self.patches_spin.setToolTip("Number of patches attention sampling draws (ats models "
-                                     "only; MagNet's patches are fixed by its architecture)")
+        self.patches_spin.setToolTip("Number of patches attention sampling draws, per region "
+                                     "for ats-2level (ats models only; MagNet's patches are "
+                                     "fixed by its architecture)")
         form.addRow("Patches", self.patches_spin)
 
         self.region_label = QLabel("Region: whole slide")

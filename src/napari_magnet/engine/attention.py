@@ -3,7 +3,9 @@
 The attention network looks at the region's square frame rendered at ``view_size`` (the same
 black-padded framing MagNet's layer 1 sees); ``N`` positions are sampled from it, and each
 becomes a patch of ``patch_size`` pixels covering ``patch_size × patch_level_scale`` level-0
-pixels, read from the pyramid level it needs by the shared :class:`RegionReader`.
+pixels, read from the pyramid level it needs by the shared :class:`RegionReader`. A two-level
+model first draws regions that way, looks at each with a second attention network and draws
+the patches inside it.
 """
 
 from __future__ import annotations
@@ -43,14 +45,29 @@ def restrict_to_visible(attention: torch.Tensor, frame: np.ndarray,
     return masked / masked.sum(dim=(-2, -1), keepdim=True)
 
 
+def _clip_boxes(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    lo = np.maximum(boxes[:, :2], box[:2])
+    hi = np.maximum(np.minimum(boxes[:, 2:], box[2:]), lo)
+    return np.concatenate([lo, hi], axis=1)
+
+
+def _check_draws(attention: torch.Tensor, n: int, replace: bool, what: str) -> None:
+    positions = int((attention > 0).flatten(1).sum(dim=1).min())
+    if not replace and n > positions:
+        raise ValueError(f"cannot draw {n} distinct {what} from {positions} positions")
+
+
 def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
                                visible: np.ndarray, dev: torch.device, keep_patches: bool,
                                seed: int, n_patches: int | None = None):
-    """Generator body of :func:`~napari_magnet.engine.magnify.magnify` for ``ats`` models."""
+    """Generator body of :func:`~napari_magnet.engine.magnify.magnify` for ``ats`` models.
+
+    One level yields one step (the patches, ids ``1``…``N``). Two-level yields the regions
+    drawn from the view's attention (layer 1, ids ``1``…``N1``), then the patches drawn from
+    each region's own attention (layer 2, ids ``i.j``, one attention map per region).
+    ``n_patches`` overrides the patches drawn (per region when two-level).
+    """
     cfg = model.config
-    if getattr(cfg, "two_level", False):
-        raise ValueError("two-level attention sampling is not implemented yet; use a "
-                         "one-level 'ats' config")
     n = cfg.n_patches if n_patches is None else int(n_patches)
     if n < 1:
         raise ValueError(f"number of patches must be at least 1, got {n}")
@@ -58,39 +75,79 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
     view_batch = reader.read(frames, cfg.view_size, visible)
     view = view_batch.to_tensor(dev)
     attention = restrict_to_visible(model.attention(view), frame, box)
-    positions = int((attention > 0).sum())
-    if not cfg.replace and n > positions:
-        raise ValueError(f"cannot draw {n} distinct patches from {positions} positions")
+    first = cfg.n_regions if cfg.two_level else n
+    _check_draws(attention, first, cfg.replace, "regions" if cfg.two_level else "patches")
     generator = torch.Generator(device=dev).manual_seed(seed)
-    indices, sampled = model.sample(attention, n, cfg.replace, generator)
+    indices, sampled = model.sample(attention, first, cfg.replace, generator)
     centres = model.positions_to_centres(indices, attention.shape[-2:], view.shape[-2:])
     centres_np = centres[0].float().cpu().numpy()
-    side = cfg.patch_size * cfg.patch_level_scale
-    patch_boxes = patch_frames(frame, centres_np, side)
-    batch = reader.read(patch_boxes, cfg.patch_size, np.repeat(visible, n, axis=0))
-    patches = batch.to_tensor(dev)
-    logits, _ = model.classify(patches, attention, indices, replace=cfg.replace)
-    lo = np.maximum(patch_boxes[:, :2], box[:2])
-    hi = np.maximum(np.minimum(patch_boxes[:, 2:], box[2:]), lo)
-    yield MagnifyStep(
-        layer=1,
-        region_ids=[str(i + 1) for i in range(n)],
-        parent_ids=[""] * n,
-        boxes=np.concatenate([lo, hi], axis=1),
-        levels=batch.levels,
-        attention_maps=[attention[0].float().cpu().numpy()],
-        attention_boxes=frames.copy(),
-        attention_mass=sampled[0].float().cpu().numpy().astype(float),
-        scales=np.full(n, side / (frame[2] - frame[0])),
-        aux_probability=None,
-        patches=batch.images if keep_patches else None,
-    )
-    probability = float(torch.softmax(logits.float(), dim=1)[0, -1])
     view_h, view_w = view.shape[-2:]
+    pixels = view_h * view_w
+    if not cfg.two_level:
+        patch_boxes = patch_frames(frame, centres_np, cfg.patch_side)
+        batch = reader.read(patch_boxes, cfg.patch_size, np.repeat(visible, n, axis=0))
+        logits, _ = model.classify(batch.to_tensor(dev), attention, indices, replace=cfg.replace)
+        yield MagnifyStep(
+            layer=1,
+            region_ids=[str(i + 1) for i in range(n)],
+            parent_ids=[""] * n,
+            boxes=_clip_boxes(patch_boxes, box),
+            levels=batch.levels,
+            attention_maps=[attention[0].float().cpu().numpy()],
+            attention_boxes=frames.copy(),
+            attention_mass=sampled[0].float().cpu().numpy().astype(float),
+            scales=np.full(n, cfg.patch_side / (frame[2] - frame[0])),
+            aux_probability=None,
+            patches=batch.images if keep_patches else None,
+        )
+        pixels += n * cfg.patch_size ** 2
+    else:
+        n1 = cfg.n_regions
+        region_frames = patch_frames(frame, centres_np, cfg.region_side)
+        region_batch = reader.read(region_frames, cfg.region_size, np.repeat(visible, n1, axis=0))
+        region_att = model.region_attention(region_batch.to_tensor(dev))
+        region_att = torch.cat([restrict_to_visible(region_att[i:i + 1], region_frames[i], box)
+                                for i in range(n1)])
+        _check_draws(region_att, n, cfg.replace, "patches per region")
+        yield MagnifyStep(
+            layer=1,
+            region_ids=[str(i + 1) for i in range(n1)],
+            parent_ids=[""] * n1,
+            boxes=_clip_boxes(region_frames, box),
+            levels=region_batch.levels,
+            attention_maps=[attention[0].float().cpu().numpy()],
+            attention_boxes=frames.copy(),
+            attention_mass=sampled[0].float().cpu().numpy().astype(float),
+            scales=np.full(n1, cfg.region_side / (frame[2] - frame[0])),
+            aux_probability=None,
+            patches=region_batch.images if keep_patches else None,
+        )
+        region_idx, region_sampled = model.sample(region_att, n, cfg.replace, generator)
+        sub = model.positions_to_centres(region_idx, region_att.shape[-2:]).float().cpu().numpy()
+        patch_boxes = np.concatenate([patch_frames(region_frames[i], sub[i], cfg.patch_side)
+                                      for i in range(n1)])
+        batch = reader.read(patch_boxes, cfg.patch_size, np.repeat(visible, n1 * n, axis=0))
+        logits, _ = model.classify_two_level(batch.to_tensor(dev), attention, indices, region_att,
+                                             region_idx, replace=cfg.replace)
+        yield MagnifyStep(
+            layer=2,
+            region_ids=[f"{i + 1}.{j + 1}" for i in range(n1) for j in range(n)],
+            parent_ids=[str(i + 1) for i in range(n1) for _ in range(n)],
+            boxes=_clip_boxes(patch_boxes, box),
+            levels=batch.levels,
+            attention_maps=[m.float().cpu().numpy() for m in region_att],
+            attention_boxes=region_frames.copy(),
+            attention_mass=region_sampled.reshape(-1).float().cpu().numpy().astype(float),
+            scales=np.full(n1 * n, cfg.patch_side / cfg.region_side),
+            aux_probability=None,
+            patches=batch.images if keep_patches else None,
+        )
+        pixels += n1 * cfg.region_size ** 2 + n1 * n * cfg.patch_size ** 2
+    probability = float(torch.softmax(logits.float(), dim=1)[0, -1])
     return MagnifyResult(
         probability=probability,
         label=int(probability >= 0.5),
-        pixels_processed=int((view_h * view_w + n * cfg.patch_size ** 2) * 3),
+        pixels_processed=int(pixels * 3),
         pixels_read=0,
         seconds=0.0,
         model_name=getattr(model, "model_name", cfg.name),

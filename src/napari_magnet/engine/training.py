@@ -410,44 +410,52 @@ class _ATSTask:
     def default_batch_size(self) -> int:
         return 8
 
-    def _masked_attention(self, view: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    @staticmethod
+    def _mask_outside(att: torch.Tensor, batch: _Batch, parents: list[np.ndarray]) -> torch.Tensor:
+        """Zero and renormalise attention outside the slide; ``parents[b]`` are the level-0
+        frames (in the slide's own orientation) slide ``b``'s maps cover, one per map."""
         from .attention import restrict_to_visible
 
-        att = self.model.attention(view)
         h, w = att.shape[-2:]
         masks = []
         for b in range(len(batch)):
-            ones = torch.ones(1, h, w, device=att.device, dtype=torch.float32)
-            inside = (restrict_to_visible(ones, batch.frames[b], batch.visible[b]) > 0).float()
             op = batch.ops[b] if batch.ops else None
-            masks.append(op.apply(inside) if op is not None else inside)
-        mask = torch.cat(masks).to(att.dtype)
-        masked = att * mask
+            for frame in parents[b]:
+                ones = torch.ones(1, h, w, device=att.device, dtype=torch.float32)
+                inside = (restrict_to_visible(ones, frame, batch.visible[b]) > 0).float()
+                masks.append(op.apply(inside) if op is not None else inside)
+        masked = att * torch.cat(masks).to(att.dtype)
         return masked / masked.sum(dim=(-2, -1), keepdim=True)
 
-    def _read_patches(self, batch: _Batch):
+    @staticmethod
+    def _child_frames(batch: _Batch, parents: list[np.ndarray], centres: torch.Tensor,
+                      side: float) -> list[np.ndarray]:
+        """Level-0 frames of ``side`` around ``centres (B, n_parents, k, 2)``, normalised to
+        (augmented) parent frames, for every slide: ``(n_parents * k, 4)`` each, parent-major."""
         from .attention import patch_frames
 
-        cfg = self.cfg
-        side = cfg.patch_size * cfg.patch_level_scale
-
-        def read_patches(centres: torch.Tensor) -> torch.Tensor:
-            c = centres.detach().float().cpu()
-
-            def one(b: int) -> torch.Tensor:
-                op = batch.ops[b] if batch.ops else None
-                pts = c[b]
-                if op is not None:  # augmented view coords → the slide's own
+        c = centres.detach().float().cpu()
+        out = []
+        for b in range(len(batch)):
+            op = batch.ops[b] if batch.ops else None
+            frames = []
+            for i, parent in enumerate(parents[b]):
+                pts = c[b, i]
+                if op is not None:  # augmented coords → the slide's own
                     pts = (op.matrix() @ (pts * 2 - 1).T).T.add(1).div(2)
-                frames = patch_frames(batch.frames[b], pts.numpy().astype(np.float64), side)
-                visible = np.repeat(batch.visible[b:b + 1], len(frames), axis=0)
-                images = batch.entries[b][1].read(frames, cfg.patch_size, visible).images
-                t = torch.from_numpy(images).permute(0, 3, 1, 2)
-                return op.apply(t) if op is not None else t
+                frames.append(patch_frames(parent, pts.numpy().astype(np.float64), side))
+            out.append(np.concatenate(frames))
+        return out
 
-            return _uint8_to_float(batch.read(one), self.device)
+    def _read(self, batch: _Batch, frames: list[np.ndarray], size: int) -> torch.Tensor:
+        def one(b: int) -> torch.Tensor:
+            op = batch.ops[b] if batch.ops else None
+            visible = np.repeat(batch.visible[b:b + 1], len(frames[b]), axis=0)
+            images = batch.entries[b][1].read(frames[b], size, visible).images
+            t = torch.from_numpy(images).permute(0, 3, 1, 2)
+            return op.apply(t) if op is not None else t
 
-        return read_patches
+        return _uint8_to_float(batch.read(one), self.device)
 
     def loss(self, images, labels, batch: _Batch, generator, amp: bool):
         from ..models.estimators import draw_log_probs, reinforce_attention_loss
@@ -457,14 +465,41 @@ class _ATSTask:
         if batch.ops:
             view = torch.stack([op.apply(x) for op, x in zip(batch.ops, view)])
         target = labels.to(self.device).long()
+        slide_frames = [batch.frames[b:b + 1] for b in range(len(batch))]
+        grad = self.mode == "expectation"
         with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
                             enabled=amp):
-            att = self._masked_attention(view, batch)
-            indices, sampled = model.sample(att, cfg.n_patches, cfg.replace, generator)
+            att = self._mask_outside(model.attention(view), batch, slide_frames)
+            first = cfg.n_regions if cfg.two_level else cfg.n_patches
+            indices, sampled = model.sample(att, first, cfg.replace, generator)
             centres = model.positions_to_centres(indices, att.shape[-2:], view.shape[-2:])
-            patches = self._read_patches(batch)(centres)
-            logits, _ = model.classify(patches, att, indices, replace=cfg.replace,
-                                       attention_grad=self.mode == "expectation")
+            log_q = draw_log_probs(sampled.float(), cfg.replace)
+            maps = att.float()
+            if not cfg.two_level:
+                frames = self._child_frames(batch, slide_frames, centres[:, None], cfg.patch_side)
+                patches = self._read(batch, frames, cfg.patch_size)
+                logits, _ = model.classify(patches, att, indices, replace=cfg.replace,
+                                           attention_grad=grad)
+            else:
+                regions = self._child_frames(batch, slide_frames, centres[:, None],
+                                             cfg.region_side)
+                region_att = self._mask_outside(
+                    model.region_attention(self._read(batch, regions, cfg.region_size)),
+                    batch, regions)
+                region_idx, region_sampled = model.sample(region_att, cfg.n_patches,
+                                                          cfg.replace, generator)
+                sub = model.positions_to_centres(region_idx, region_att.shape[-2:])
+                frames = self._child_frames(batch, regions,
+                                            sub.reshape(len(batch), cfg.n_regions, -1, 2),
+                                            cfg.patch_side)
+                patches = self._read(batch, frames, cfg.patch_size)
+                logits, _ = model.classify_two_level(patches, att, indices, region_att,
+                                                     region_idx, replace=cfg.replace,
+                                                     attention_grad=grad)
+                log_q = torch.cat([log_q, draw_log_probs(region_sampled.float(), cfg.replace)
+                                   .reshape(len(batch), -1)], dim=1)
+                maps = torch.cat([maps.flatten(1), region_att.float()
+                                  .reshape(len(batch), -1) / cfg.n_regions], dim=1)
         ce = F.cross_entropy(logits.float(), target)
         att_loss = torch.zeros((), device=ce.device)
         if self.mode == "reinforce" and model.training:
@@ -472,8 +507,7 @@ class _ATSTask:
                 reward = -F.cross_entropy(logits.float(), target, reduction="none")
             b = float(self.baseline) if self.baseline.value is not None \
                 else float(reward.mean())
-            att_loss = reinforce_attention_loss(draw_log_probs(sampled.float(), cfg.replace),
-                                                reward, b, att.float(), self.entropy_weight)
+            att_loss = reinforce_attention_loss(log_q, reward, b, maps, self.entropy_weight)
             self.baseline.update(reward)
         prob = torch.softmax(logits.detach().float(), dim=1)[:, -1].cpu()
         return ce + att_loss, {"classification": float(ce.detach()),

@@ -31,6 +31,11 @@ Shapes and coordinates (the contract with the engine)
 ``logits``
     ``(B, n_classes)``; ``probabilities`` are their softmax.
 
+Two levels (``config.two_level``): the view's attention picks ``N1`` *regions* (read at
+``region_size`` pixels, ``region_level_scale`` level-0 pixels each); a second attention network
+looks at every region and ``N2 = n_patches`` patches are drawn inside each, with centres
+region-normalised the same way. See :meth:`AttentionSampling.classify_two_level`.
+
 Imports torch (and the estimators) only.
 """
 
@@ -88,8 +93,17 @@ class ATSConfig:
         Level-0 pixels per patch pixel (a downsample factor relative to level 0): patches are read
         at this scale, so a patch covers ``patch_size * patch_level_scale`` level-0 pixels.
     two_level : bool
-        Reserved for the paper's two-level (view → mid-resolution → patch) variant; not
-        implemented, so :class:`AttentionSampling` refuses it.
+        Sample twice: ``n_regions`` regions from the view's attention, then, inside each region
+        (read at ``region_size`` pixels), attention again and ``n_patches`` patches *per region*.
+        The slide feature is the nested expectation (regions' features are themselves
+        estimates; see :meth:`AttentionSampling.classify_two_level`).
+    n_regions : int
+        Two-level only: regions ``N1`` drawn from the view's attention.
+    region_size : int
+        Two-level only: side, in pixels, of each region as the second attention network sees it.
+    region_level_scale : float
+        Two-level only: level-0 pixels per region pixel; a region covers
+        ``region_size * region_level_scale`` level-0 pixels and must contain a whole patch.
     """
 
     name: str = "ats"
@@ -102,6 +116,13 @@ class ATSConfig:
     feature_dim: int = 32
     patch_level_scale: float = 4.0
     two_level: bool = False
+    n_regions: int = 5
+    region_size: int = 64
+    region_level_scale: float = 16.0
+
+    #: Fields that exist only for the two-level variant; left out of a one-level config's dict
+    #: so that one-level configs (and their checkpoints' hashes) do not depend on them.
+    TWO_LEVEL_FIELDS: ClassVar[tuple[str, ...]] = ("n_regions", "region_size", "region_level_scale")
 
     def __post_init__(self) -> None:
         if self.view_size < 1 or self.patch_size < 1 or self.n_patches < 1:
@@ -112,10 +133,38 @@ class ATSConfig:
             raise ValueError("n_classes and feature_dim must be positive")
         if not self.patch_level_scale > 0:
             raise ValueError("patch_level_scale must be positive")
+        if self.two_level:
+            if self.n_regions < 1 or self.region_size < 1:
+                raise ValueError("n_regions and region_size must be positive")
+            if not self.region_level_scale > 0:
+                raise ValueError("region_level_scale must be positive")
+            if self.patch_side > self.region_side:
+                raise ValueError(
+                    f"a patch ({self.patch_side:g} level-0 px) must fit inside its region "
+                    f"({self.region_side:g} level-0 px): raise region_size or region_level_scale")
+
+    @property
+    def patch_side(self) -> float:
+        """Level-0 pixels one patch covers."""
+        return self.patch_size * self.patch_level_scale
+
+    @property
+    def region_side(self) -> float:
+        """Level-0 pixels one two-level region covers."""
+        return self.region_size * self.region_level_scale
+
+    @property
+    def total_patches(self) -> int:
+        """Patches the feature network sees per slide (``n_regions * n_patches`` if two-level)."""
+        return self.n_patches * (self.n_regions if self.two_level else 1)
 
     def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict of all fields."""
-        return asdict(self)
+        """Plain JSON-serialisable dict of the fields (one-level: without the two-level ones)."""
+        d = asdict(self)
+        if not self.two_level:
+            for key in self.TWO_LEVEL_FIELDS:
+                d.pop(key)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ATSConfig:
@@ -142,9 +191,12 @@ def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -
     )
 
 
-#: Named configurations for the registry: ``"ats"`` (patch 50, 20 patches) and the talk's grid.
+#: Named configurations for the registry: ``"ats"`` (patch 50, 20 patches), the talk's grid and
+#: ``"ats-2level"`` (5 regions of 1024 level-0 px, 4 patches of 50 px in each: 20 patches).
 ATS_CONFIGS: dict[str, Callable[[], ATSConfig]] = {
     "ats": lambda: ats_config(50, 20, name="ats"),
+    "ats-2level": lambda: ats_config(50, 4, name="ats-2level", two_level=True, n_regions=5,
+                                     region_size=64, region_level_scale=16.0),
     "ats-p50-n1": lambda: ats_config(50, 1),
     "ats-p50-n5": lambda: ats_config(50, 5),
     "ats-p50-n20": lambda: ats_config(50, 20),
@@ -216,7 +268,13 @@ class ATSOutput:
     features : Tensor
         ``(B, feature_dim)`` surrogate of the attention-weighted mean feature.
     patches : Tensor
-        ``(B * n, 3, P, P)`` the patches the feature network saw.
+        ``(B * n, 3, P, P)`` the patches the feature network saw (two-level:
+        ``(B * N1 * N2, 3, P, P)``, region-major).
+    region_attention, region_indices, region_sampled_attention, region_centres : Tensor or None
+        Two-level only: ``(B * N1, R', R')`` attention inside each region, ``(B * N1, N2)``
+        positions drawn there (sampling order), their attention, and their centres as
+        region-normalised ``(x, y)`` ``(B * N1, N2, 2)``. ``draw_log_probs`` then holds the
+        regions' draws followed by every region's patch draws, ``(B, N1 + N1 * N2)``.
     """
 
     logits: Tensor
@@ -228,6 +286,10 @@ class ATSOutput:
     centres: Tensor
     features: Tensor
     patches: Tensor
+    region_attention: Tensor | None = None
+    region_indices: Tensor | None = None
+    region_sampled_attention: Tensor | None = None
+    region_centres: Tensor | None = None
 
 
 def gumbel_top_k(
@@ -265,10 +327,10 @@ class AttentionSampling(nn.Module):
     def __init__(self, config: ATSConfig | None = None) -> None:
         super().__init__()
         config = config or ATSConfig()
-        if config.two_level:
-            raise NotImplementedError("two-level attention sampling is not implemented")
         self.config = config
         self.attention_net = AttentionNet()
+        # The second level looks at a finer scale than the view, so it gets its own network.
+        self.region_attention_net = AttentionNet() if config.two_level else None
         self.feature_net = FeatureNet(config.feature_dim)
         self.classifier = nn.Linear(config.feature_dim, config.n_classes)
         self._last_view_shape: tuple[int, int] | None = None
@@ -279,7 +341,9 @@ class AttentionSampling(nn.Module):
 
     # -- parameter groups (two optimizers in REINFORCE training) ------------------------------
     def attention_parameters(self) -> Iterator[nn.Parameter]:
-        return self.attention_net.parameters()
+        yield from self.attention_net.parameters()
+        if self.region_attention_net is not None:
+            yield from self.region_attention_net.parameters()
 
     def classifier_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.feature_net.parameters()
@@ -292,9 +356,18 @@ class AttentionSampling(nn.Module):
         Softmax over all positions (computed in at least float32), mixed with the uniform
         distribution by ``config.epsilon``.
         """
+        return self._distribution(self.attention_net, view)
+
+    def region_attention(self, regions: Tensor) -> Tensor:
+        """Two-level: ``regions (M, 3, R, R)`` → attention ``(M, R, R)`` inside each region."""
+        if self.region_attention_net is None:
+            raise ValueError(f"{self.config.name} is a one-level model: it has no region attention")
+        return self._distribution(self.region_attention_net, regions)
+
+    def _distribution(self, net: nn.Module, view: Tensor) -> Tensor:
         if view.dim() != 4 or view.shape[1] != 3:
             raise ValueError(f"view must be (B, 3, h, w), got {tuple(view.shape)}")
-        scores = self.attention_net(view)
+        scores = net(view)
         b, h, w = scores.shape
         flat = scores.reshape(b, h * w)
         if flat.dtype not in (torch.float32, torch.float64):
@@ -400,6 +473,53 @@ class AttentionSampling(nn.Module):
         features = expectation(feats, a.to(feats.dtype), replace, baseline)
         return self.classifier(features), features
 
+    def classify_two_level(
+        self,
+        patches: Tensor,
+        attention: Tensor,
+        indices: Tensor,
+        region_attention: Tensor,
+        region_indices: Tensor,
+        *,
+        replace: bool | None = None,
+        baseline: Tensor | float | None = None,
+        attention_grad: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Classify the patches of a two-level draw with the nested expectation estimator.
+
+        Each region's feature is estimated from its own ``N2`` patches and region attention;
+        the slide feature is estimated from the ``N1`` region features and the view's attention.
+        Both estimators are linear in what they average and the inner draws are independent
+        given the regions, so the nested estimate, and its gradient, stay unbiased for
+        ``Σ_k a_k Σ_j a'_{k,j} f_{k,j}`` (checked by exact enumeration in the tests).
+
+        Parameters
+        ----------
+        patches : Tensor
+            ``(B * N1 * N2, 3, P, P)``, region-major, each region's patches in sampling order.
+        attention, indices : Tensor
+            ``(B, h', w')`` view attention and the ``(B, N1)`` regions drawn from it.
+        region_attention, region_indices : Tensor
+            ``(B * N1, R', R')`` attention inside each region and the ``(B * N1, N2)`` patch
+            positions drawn from it.
+        replace, baseline, attention_grad
+            As in :meth:`classify` (the baseline applies to the outer estimate).
+        """
+        replace = self.config.replace if replace is None else replace
+        b, n1 = indices.shape
+        m, n2 = region_indices.shape
+        if m != b * n1:
+            raise ValueError(f"{m} regions' patch draws for {b} × {n1} regions")
+        feats = self.feature_net(patches).reshape(m, n2, -1)
+        inner = region_attention.reshape(m, -1).gather(1, region_indices)
+        outer = attention.reshape(b, -1).gather(1, indices)
+        if not attention_grad:
+            inner, outer = inner.detach(), outer.detach()
+        region_features = expectation(feats, inner.to(feats.dtype), replace)
+        features = expectation(region_features.reshape(b, n1, -1), outer.to(feats.dtype),
+                               replace, baseline)
+        return self.classifier(features), features
+
     def forward(
         self,
         view: Tensor,
@@ -410,12 +530,20 @@ class AttentionSampling(nn.Module):
         replace: bool | None = None,
         baseline: Tensor | float | None = None,
         attention_grad: bool = True,
+        read_regions: Callable[[Tensor], Tensor] | None = None,
     ) -> ATSOutput:
         """Attention → sample → read patches → classify; see :class:`ATSOutput`.
 
         ``read_patches(centres (B, n, 2)) -> (B * n, 3, P, P)``; ``n`` and ``replace`` default
-        to the config's.
+        to the config's. A two-level model also needs
+        ``read_regions(centres (B, N1, 2)) -> (B * N1, 3, R, R)``, and then calls
+        ``read_patches(region_centres (B, N1, 2), patch_centres (B * N1, N2, 2))`` with the
+        patch centres region-normalised; ``n`` is then the patches per region.
         """
+        if self.config.two_level:
+            return self._forward_two_level(view, read_regions, read_patches, generator, n=n,
+                                           replace=replace, baseline=baseline,
+                                           attention_grad=attention_grad)
         n = self.config.n_patches if n is None else n
         replace = self.config.replace if replace is None else replace
         att = self.attention(view)
@@ -444,16 +572,58 @@ class AttentionSampling(nn.Module):
             patches=patches,
         )
 
-    def pixels_processed(self, view_shape: tuple[int, int] | None = None) -> int:
-        """RGB values the networks see per slide: ``h * w * 3 + n * P * P * 3``.
+    def _forward_two_level(self, view, read_regions, read_patches, generator, *, n, replace,
+                           baseline, attention_grad) -> ATSOutput:
+        if read_regions is None:
+            raise ValueError(f"{self.config.name} is two-level: pass read_regions as well")
+        cfg = self.config
+        n2 = cfg.n_patches if n is None else n
+        replace = cfg.replace if replace is None else replace
+        b = view.shape[0]
+        att = self.attention(view)
+        self._last_view_shape = (int(view.shape[-2]), int(view.shape[-1]))
+        indices, sampled = self.sample(att, cfg.n_regions, replace, generator)
+        centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(view.device)
+        regions = read_regions(centres)
+        r = cfg.region_size
+        if tuple(regions.shape) != (b * cfg.n_regions, 3, r, r):
+            raise ValueError(f"read_regions returned {tuple(regions.shape)}, expected "
+                             f"{(b * cfg.n_regions, 3, r, r)}")
+        regions = regions.to(device=view.device, dtype=view.dtype)
+        region_att = self.region_attention(regions)
+        region_idx, region_sampled = self.sample(region_att, n2, replace, generator)
+        region_centres = self.positions_to_centres(region_idx, region_att.shape[-2:]).to(view.device)
+        patches = read_patches(centres, region_centres)
+        p = cfg.patch_size
+        expected = (b * cfg.n_regions * n2, 3, p, p)
+        if tuple(patches.shape) != expected:
+            raise ValueError(f"read_patches returned {tuple(patches.shape)}, expected {expected}")
+        patches = patches.to(device=view.device, dtype=view.dtype)
+        logits, features = self.classify_two_level(
+            patches, att, indices, region_att, region_idx, replace=replace, baseline=baseline,
+            attention_grad=attention_grad)
+        log_q = torch.cat([draw_log_probs(sampled, replace),
+                           draw_log_probs(region_sampled, replace).reshape(b, -1)], dim=1)
+        return ATSOutput(
+            logits=logits, probabilities=torch.softmax(logits, dim=1), attention=att,
+            indices=indices, sampled_attention=sampled, draw_log_probs=log_q, centres=centres,
+            features=features, patches=patches, region_attention=region_att,
+            region_indices=region_idx, region_sampled_attention=region_sampled,
+            region_centres=region_centres)
 
-        ``view_shape`` defaults to the last forward's view, else ``view_size × view_size``.
+    def pixels_processed(self, view_shape: tuple[int, int] | None = None) -> int:
+        """RGB values the networks see per slide.
+
+        One level: ``h * w * 3 + n * P * P * 3``; two-level adds the regions, ``N1 * R * R * 3``,
+        and counts ``N1 * N2`` patches. ``view_shape`` defaults to the last forward's view,
+        else ``view_size × view_size``.
         """
+        cfg = self.config
         if view_shape is None:
-            view_shape = self._last_view_shape or (self.config.view_size, self.config.view_size)
+            view_shape = self._last_view_shape or (cfg.view_size, cfg.view_size)
         h, w = int(view_shape[0]), int(view_shape[1])
-        p = self.config.patch_size
-        return h * w * 3 + self.config.n_patches * p * p * 3
+        regions = cfg.n_regions * cfg.region_size ** 2 * 3 if cfg.two_level else 0
+        return h * w * 3 + regions + cfg.total_patches * cfg.patch_size ** 2 * 3
 
 
 def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
@@ -476,10 +646,7 @@ def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
 
 def _ats_from_dict(config: dict) -> AttentionSampling:
     """Architecture factory: checkpoint config dict → untrained model (ValueError if unusable)."""
-    try:
-        return AttentionSampling(ATSConfig.from_dict(dict(config)))
-    except NotImplementedError as exc:
-        raise ValueError(str(exc)) from exc
+    return AttentionSampling(ATSConfig.from_dict(dict(config)))
 
 
 def _named_factory(name: str) -> Callable[[], AttentionSampling]:

@@ -319,9 +319,13 @@ def published_expected_without_replacement(features: Tensor, sampled_attention: 
 
 
 def attention_negentropy(attention: Tensor) -> Tensor:
-    """``Σ_k a_k log a_k`` per batch row (``0 log 0 = 0``); ``attention`` is ``(B, ...)``."""
+    """``Σ_k a_k log a_k`` per batch row (``0 log 0 = 0``); ``attention`` is ``(B, ...)``.
+
+    Positions with ``a_k = 0`` (masked outside the slide) contribute 0 and a finite gradient;
+    ``xlogy`` would give them a NaN gradient (``0 / 0``).
+    """
     flat = attention.flatten(1)
-    return torch.xlogy(flat, flat).sum(dim=1)
+    return (flat * flat.clamp_min(torch.finfo(flat.dtype).tiny).log()).sum(dim=1)
 
 
 def reinforce_attention_loss(
