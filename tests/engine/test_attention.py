@@ -10,13 +10,14 @@ from napari_magnet import load_model, magnify, open_slide
 from napari_magnet.slide.synthetic import SyntheticSlideSpec, generate_slide
 
 
-def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp_path):
-    info = generate_slide(tmp_path / "one.tif", SyntheticSlideSpec(
+def slide_with_attention_on_its_lesion(path):
+    """A generated slide with a macro lesion, and an attention function (what the attention
+    network would output) that is uniform on that lesion's box and 0 elsewhere."""
+    info = generate_slide(path, SyntheticSlideSpec(
         width=8192, height=6144, mpp=1.0, seed=4, label=1, lesion_kind="macro"))
     lesion = max(info.tumour_lesions,
                  key=lambda les: (les.box[2] - les.box[0]) * (les.box[3] - les.box[1]))
     x0, y0, x1, y1 = lesion.box
-    model = load_model("ats", device="cpu")
     side = float(max(info.width, info.height))
     frame_x0 = info.width / 2 - side / 2
     frame_y0 = info.height / 2 - side / 2
@@ -29,6 +30,13 @@ def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp
         attention = inside.float().expand(b, h, w)
         return attention / attention.sum(dim=(-2, -1), keepdim=True)
 
+    return info, lesion.box, peaked_on_lesion
+
+
+def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp_path):
+    info, (x0, y0, x1, y1), peaked_on_lesion = slide_with_attention_on_its_lesion(
+        tmp_path / "one.tif")
+    model = load_model("ats", device="cpu")
     model.attention = peaked_on_lesion  # the attention network's output, set by hand
     with open_slide(info.path) as slide:
         step, result = list(magnify(slide, model, device="cpu"))
@@ -42,24 +50,10 @@ def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp
 
 
 def test_two_level_draws_regions_on_the_peak_then_patches_inside_each_region(tmp_path):
-    info = generate_slide(tmp_path / "two.tif", SyntheticSlideSpec(
-        width=8192, height=6144, mpp=1.0, seed=4, label=1, lesion_kind="macro"))
-    lesion = max(info.tumour_lesions,
-                 key=lambda les: (les.box[2] - les.box[0]) * (les.box[3] - les.box[1]))
-    x0, y0, x1, y1 = lesion.box
+    info, (x0, y0, x1, y1), peaked_on_lesion = slide_with_attention_on_its_lesion(
+        tmp_path / "two.tif")
     model = load_model("ats-2level", device="cpu")
     cfg = model.config
-    side = float(max(info.width, info.height))
-    frame_x0, frame_y0 = info.width / 2 - side / 2, info.height / 2 - side / 2
-
-    def peaked_on_lesion(view: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = view.shape
-        xs = frame_x0 + (torch.arange(w) + 0.5) / w * side
-        ys = frame_y0 + (torch.arange(h) + 0.5) / h * side
-        inside = ((ys > y0) & (ys < y1))[:, None] & ((xs > x0) & (xs < x1))[None]
-        attention = inside.float().expand(b, h, w)
-        return attention / attention.sum(dim=(-2, -1), keepdim=True)
-
     model.attention = peaked_on_lesion
     with open_slide(info.path) as slide:
         regions, patches, result = list(magnify(slide, model, device="cpu", keep_patches=True))
