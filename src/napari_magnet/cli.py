@@ -62,7 +62,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                   f"{info.lesion_kind}); ground truth in {info.sidecar}")
         else:
             infos = generate_cohort(out, args.n, args.seed, args.width, args.height, args.mpp,
-                                    progress=report)
+                                    progress=report, positives=args.positives, jobs=args.jobs)
             bar.close()
             print(f"wrote {len(infos)} slides and {out / 'cohort.csv'}")
     except ValueError as error:
@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel")
     synth.add_argument("--label", type=int, choices=(0, 1), default=None)
     synth.add_argument("--lesion", choices=("macro", "micro", "itc", "negative"), default=None)
+    synth.add_argument("--positives", type=lambda v: [k for k in v.split(",") if k],
+                       default=None, metavar="CLASSES",
+                       help="cohort: tumour classes positives cycle through, comma-separated; "
+                            "repeat one to weight it (micro,micro,macro)")
+    synth.add_argument("--jobs", type=_positive_int, default=1,
+                       help="cohort: slides generated at once (processes)")
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=cmd_synth)
 

@@ -79,3 +79,22 @@ def test_bad_parameters_are_rejected(cmu_path):
             RegionReader(slide, rule="closest")
         with RegionReader(slide) as reader, pytest.raises(ValueError, match="positive"):
             reader.read(np.array([[0, 0, 10, 10.0]]), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_read_resampled_on_the_gpu_equals_the_cpu_read(cmu_path):
+    """Training resamples its region reads on the GPU (only the decoded window crosses)."""
+    rng = np.random.default_rng(2)
+    with open_slide(cmu_path) as slide, RegionReader(slide) as reader:
+        width, height = slide.dimensions
+        sides = rng.uniform(200, 1500, 12)
+        x0 = rng.uniform(-200, width - 100, 12)
+        y0 = rng.uniform(-200, height - 100, 12)
+        frames = np.stack([x0, y0, x0 + sides, y0 + sides], axis=1)
+        visible = np.tile([0.0, 0.0, float(width), float(height)], (12, 1))
+        cpu = reader.read(frames, 224, visible)
+        gpu = reader.read(frames, 224, visible, device="cuda")
+        assert gpu.pixels.device.type == "cuda" and reader.device.type == "cpu"
+        assert (gpu.levels == cpu.levels).all() and gpu.pixels_read == cpu.pixels_read
+        diff = (gpu.pixels.cpu().int() - cpu.pixels.int()).abs()
+        assert diff.max() <= 1  # float rounding of the same area average

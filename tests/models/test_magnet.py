@@ -493,3 +493,35 @@ def test_autocast_bf16_keeps_theta_and_sampling_in_fp32(lite):
                           align_corners=False, linearized=False)
     assert torch.allclose(again, out.patches.detach(), atol=1e-6)
     assert (out.theta - ref.theta).abs().max() < 0.1
+
+
+def _gru_input_dtypes(model: MagNet, device: str, dtype: torch.dtype, scale: float):
+    seen = []
+    hook = model.gru.register_forward_hook(lambda mod, inp, out: seen.append(
+        (inp[0].dtype, out[0].dtype)))
+    patches = coloured_slides(2 * 4, model.config.final_size, seed=8).to(device) * scale
+    try:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype):
+            logits = model.classify(patches, batch=2)
+    finally:
+        hook.remove()
+    return seen, logits
+
+
+def test_gru_runs_in_float32_under_autocast(lite):
+    """cuDNN autocast runs RNNs in float16; an unsettled eval-mode backbone's features of ~1e7
+    overflowed it to NaN on CUDA. The GRU is kept in float32 on every device."""
+    model = build(LITE, seed=5).eval()
+    seen, logits = _gru_input_dtypes(model, "cpu", torch.bfloat16, 1.0)
+    assert seen == [(torch.float32, torch.float32)]
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gru_stays_finite_on_huge_features_under_cuda_autocast():
+    model = build(LITE, seed=5).cuda().eval()
+    # inputs scaled by 1e7 through a ReLU/BatchNorm trunk at its initial statistics give
+    # features far past float16's range (bf16 autocast: the trunk itself stays finite)
+    seen, logits = _gru_input_dtypes(model, "cuda", torch.bfloat16, 1e7)
+    assert seen == [(torch.float32, torch.float32)]
+    assert torch.isfinite(logits).all()

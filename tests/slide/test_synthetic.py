@@ -252,6 +252,23 @@ def test_spec_validation(kwargs, match):
         SyntheticSlideSpec(**args)
 
 
+def test_weighted_positives_in_parallel_give_the_serial_cohort(tmp_path, cohort):
+    """``positives`` weights the classes; ``jobs`` changes nothing but the speed."""
+    kw = dict(n=6, seed=5, width=2048, height=2048, mpp=1.0, positives=["micro", "micro", "itc"])
+    serial = generate_cohort(tmp_path / "serial", **kw)
+    parallel = generate_cohort(tmp_path / "parallel", jobs=2, **kw)
+    kinds = [info.lesion_kind for info in serial]
+    assert sorted(kinds) == ["itc", "micro", "micro", "negative", "negative", "negative"]
+    assert [info.lesion_kind for info in parallel] == kinds
+    for a, b in zip(serial, parallel):
+        assert a.path.read_bytes() == b.path.read_bytes()
+    assert (tmp_path / "serial" / "cohort.csv").read_text() == \
+        (tmp_path / "parallel" / "cohort.csv").read_text()
+    # without positives, a cohort is what it always was: every fitting class in turn
+    infos, _ = cohort
+    assert {"macro", "micro", "itc"} == {i.lesion_kind for i in infos if i.label == 1}
+
+
 def test_other_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="lesion kind"):
         Lesion("tumour", (0, 0, 1, 1))
@@ -263,6 +280,13 @@ def test_other_argument_errors(tmp_path):
         generate_cohort(tmp_path, n=0, seed=0, width=4096, height=4096)
     with pytest.raises(ValueError, match="mpp"):
         generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, mpp=0)
+    with pytest.raises(ValueError, match="positives must name"):
+        generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, positives=["tumour"])
+    with pytest.raises(ValueError, match="too small for"):  # 1 mm: no room for a macro lesion
+        generate_cohort(tmp_path, n=2, seed=0, width=1024, height=1024, mpp=1.0,
+                        positives=["macro"])
+    with pytest.raises(ValueError, match="jobs"):
+        generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, jobs=0)
     assert not list(tmp_path.iterdir())  # nothing written on bad arguments
     with pytest.raises(FileNotFoundError):
         read_ground_truth(tmp_path / "missing.tif")

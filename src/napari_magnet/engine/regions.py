@@ -137,8 +137,8 @@ class RegionReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, frames: np.ndarray, size: int,
-             visible: np.ndarray | None = None) -> RegionBatch:
+    def read(self, frames: np.ndarray, size: int, visible: np.ndarray | None = None,
+             device: torch.device | str | None = None) -> RegionBatch:
         """Render each frame at ``size`` × ``size``.
 
         Parameters
@@ -150,29 +150,32 @@ class RegionReader:
         visible : np.ndarray, optional
             ``(N, 4)`` visible boxes; pixels whose centre falls outside are black. Defaults to
             the frames themselves (clipped to the slide).
+        device : torch.device or str, optional
+            Where to resample and return the regions for this call (default: the reader's).
         """
+        device = self.device if device is None else torch.device(device)
         frames = np.asarray(frames, dtype=np.float64).reshape(-1, 4)
         if size < 1:
             raise ValueError(f"output size must be positive, got {size}")
         if visible is None:
             visible = frames
         visible = np.asarray(visible, dtype=np.float64).reshape(-1, 4)
-        results = list(self._pool.map(lambda i: self._read_one(frames[i], visible[i], size),
-                                      range(len(frames))))
+        results = list(self._pool.map(
+            lambda i: self._read_one(frames[i], visible[i], size, device), range(len(frames))))
         if results:
             images = torch.stack([r[0] for r in results])
         else:
-            images = torch.zeros((0, 3, size, size), dtype=torch.uint8, device=self.device)
+            images = torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device)
         levels = np.array([r[1] for r in results], dtype=np.int64)
         pixels = int(sum(r[2] for r in results))
         self.pixels_read += pixels
         return RegionBatch(images, levels, pixels)
 
-    def _read_one(self, frame: np.ndarray, visible: np.ndarray,
-                  size: int) -> tuple[torch.Tensor, int, int]:
+    def _read_one(self, frame: np.ndarray, visible: np.ndarray, size: int,
+                  device: torch.device) -> tuple[torch.Tensor, int, int]:
         slide = self.slide
         geometry = slide.geometry
-        out = torch.zeros((3, size, size), dtype=torch.uint8, device=self.device)
+        out = torch.zeros((3, size, size), dtype=torch.uint8, device=device)
         fw, fh = frame[2] - frame[0], frame[3] - frame[1]
         if fw <= 0 or fh <= 0:
             return out, 0, 0
@@ -208,11 +211,11 @@ class RegionReader:
         with torch.inference_mode():
             if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
                 window = window.copy()
-            source = torch.from_numpy(window).to(self.device, non_blocking=True)
+            source = torch.from_numpy(window).to(device, non_blocking=True)
             source = source.permute(2, 0, 1)[None].float().contiguous()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
-            resampled = roi_align(source, box.to(self.device), output_size=(j1 - j0, i1 - i0),
+            resampled = roi_align(source, box.to(device), output_size=(j1 - j0, i1 - i0),
                                   spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             out[:, j0:j1, i0:i1] = resampled[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, level, window.size

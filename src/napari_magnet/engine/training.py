@@ -343,8 +343,7 @@ class _MagNetTask:
                 frames = chain_frames(batch.frames[b], orig[:, :, 2].numpy().astype(np.float64),
                                       rows[:, 0, 0].abs().numpy().astype(np.float64))
                 visible = _clip_to(frames, batch.visible[b])
-                images = batch.entries[b][1].read(frames, size, visible).images
-                t = torch.from_numpy(images).permute(0, 3, 1, 2)
+                t = batch.entries[b][1].read(frames, size, visible, device=self.device).pixels
                 return op.apply(t) if op is not None else t
 
             return _uint8_to_float(batch.read(one), self.device)
@@ -451,8 +450,7 @@ class _ATSTask:
         def one(b: int) -> torch.Tensor:
             op = batch.ops[b] if batch.ops else None
             visible = np.repeat(batch.visible[b:b + 1], len(frames[b]), axis=0)
-            images = batch.entries[b][1].read(frames[b], size, visible).images
-            t = torch.from_numpy(images).permute(0, 3, 1, 2)
+            t = batch.entries[b][1].read(frames[b], size, visible, device=self.device).pixels
             return op.apply(t) if op is not None else t
 
         return _uint8_to_float(batch.read(one), self.device)
@@ -1051,7 +1049,9 @@ def train(options: TrainOptions) -> TrainResult:
     pool = SlidePool(max_open=max(2 * batch_size, 16), rule=options.rule)
     train_set = SlideDataset(train_records, task.sizes, pool)
     val_set = SlideDataset(val_records, task.sizes, pool)
-    reader_pool = ThreadPoolExecutor(max(min(batch_size, 4), 1),
+    # One thread per slide of the batch, up to half the cores (each slide's reader decodes
+    # its chunks on two threads of its own).
+    reader_pool = ThreadPoolExecutor(max(2, min(batch_size, (os.cpu_count() or 2) // 2)),
                                      thread_name_prefix="napari-magnet-train")
     epoch = first_epoch - 1
     try:

@@ -796,7 +796,11 @@ class MagNet(nn.Module):
             raise ValueError(f"{final_patches.shape[0]} patches do not split into {batch} slides")
         feats = self.classifier(final_patches)
         feats = feats.view(batch, -1, feats.shape[-1])
-        _, h_n = self.gru(feats)
+        # CUDA autocast runs cuDNN RNNs in float16 whatever its dtype; features of an
+        # InceptionV3 whose BatchNorm statistics have not settled reach ~1e7 in eval mode and
+        # overflow float16's 65504 to inf → NaN. The GRU is small: run it in float32.
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            _, h_n = self.gru(feats.float())
         return self.head(h_n[-1]).squeeze(-1)
 
     # -- whole model

@@ -41,7 +41,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1346,13 +1346,16 @@ def generate_cohort(
     quality: int = 80,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    positives: Sequence[str] | None = None,
+    jobs: int = 1,
 ) -> list[SyntheticSlideInfo]:
     """Generate ``n`` slides with balanced labels and write ``out_dir/cohort.csv``.
 
     Labels alternate 0/1 in an order shuffled by ``seed`` (``n // 2`` positives, one more
     negative when ``n`` is odd); positives cycle through the tumour classes that fit the
-    slide size (macro, micro, itc) in a seed-shuffled order. Slide ``i`` is
-    ``out_dir/slide_{i:04d}.tif`` with a seed derived from ``(seed, i)``.
+    slide size (macro, micro, itc), or through ``positives``, in a seed-shuffled order.
+    Slide ``i`` is ``out_dir/slide_{i:04d}.tif`` with a seed derived from ``(seed, i)``, so
+    a slide does not depend on ``jobs``.
 
     Parameters
     ----------
@@ -1372,6 +1375,11 @@ def generate_cohort(
         ``progress(done, total)`` in slides.
     workers : int, optional
         Threads per slide (see :func:`generate_slide`).
+    positives : sequence of str, optional
+        The tumour classes positives cycle through; repeat a class to weight it
+        (``("micro", "micro", "macro")``: two micro slides for each macro one).
+    jobs : int
+        Slides generated at once, in separate processes.
 
     Returns
     -------
@@ -1393,16 +1401,27 @@ def generate_cohort(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     feasible = list(_feasible_kinds(width, height, mpp))
+    if positives is not None:
+        positives = [str(k) for k in positives]
+        unknown = sorted(set(positives) - set(_TUMOUR_KINDS))
+        if unknown or not positives:
+            raise ValueError(f"positives must name tumour classes {sorted(_TUMOUR_KINDS)}, "
+                             f"got {positives}")
+        too_big = sorted(set(positives) - set(feasible))
+        if too_big:
+            raise ValueError(f"a {width}x{height} px slide at {mpp} µm/px is too small for "
+                             f"{too_big} lesions; fitting classes: {feasible}")
     labels = np.array([i % 2 for i in range(n)])
     rng.shuffle(labels)
     if feasible:
-        order = list(rng.permutation(feasible))
+        order = list(rng.permutation(positives if positives is not None else feasible))
     else:
         labels[:] = 0
         order = []
-    infos: list[SyntheticSlideInfo] = []
-    rows = []
+    specs = []
     n_pos = 0
     for i in range(n):
         label = int(labels[i])
@@ -1412,19 +1431,34 @@ def generate_cohort(
             n_pos += 1
         state = np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)
         slide_seed = int(state[0] >> np.uint64(1))  # < 2**63
-        spec = SyntheticSlideSpec(width, height, mpp, slide_seed, label, kind, tile, quality)
-        info = generate_slide(out / f"slide_{i:04d}.tif", spec, workers=workers)
-        infos.append(info)
-        rows.append(
-            {
-                "path": info.path.name,
-                "label": info.label,
-                "lesion_class": info.lesion_kind,
-                "lesion_boxes": json.dumps([list(les.box) for les in info.tumour_lesions]),
-            }
-        )
-        if progress is not None:
-            progress(i + 1, n)
+        specs.append(SyntheticSlideSpec(width, height, mpp, slide_seed, label, kind, tile,
+                                        quality))
+    paths = [out / f"slide_{i:04d}.tif" for i in range(n)]
+    infos: list[SyntheticSlideInfo] = [None] * n  # type: ignore[list-item]
+    if jobs == 1:
+        for i, spec in enumerate(specs):
+            infos[i] = generate_slide(paths[i], spec, workers=workers)
+            if progress is not None:
+                progress(i + 1, n)
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(int(jobs), n)) as pool:
+            futures = {pool.submit(generate_slide, paths[i], spec, workers=workers or 1): i
+                       for i, spec in enumerate(specs)}
+            for done, future in enumerate(as_completed(futures), 1):
+                infos[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, n)
+    rows = [
+        {
+            "path": info.path.name,
+            "label": info.label,
+            "lesion_class": info.lesion_kind,
+            "lesion_boxes": json.dumps([list(les.box) for les in info.tumour_lesions]),
+        }
+        for info in infos
+    ]
     with open(out / "cohort.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "lesion_class", "lesion_boxes"])
         writer.writeheader()
