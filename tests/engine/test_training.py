@@ -330,3 +330,21 @@ def test_validation_forward_matches_magnify(cohort_csv):
             result = [x for x in magnify(slide, model, device="cpu")
                       if isinstance(x, MagnifyResult)][0]
         assert p == pytest.approx(result.probability, abs=2e-3)
+
+
+def test_two_runs_with_worker_processes_in_one_process_do_not_hang(cohort_csv, tmp_path):
+    """DataLoader workers come from a fork server and persist across epochs; a second
+    train() in the same process (a notebook, a sweep) used to hang in a forked worker."""
+    run = tmp_path / "w"
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "from napari_magnet.engine.training import TrainOptions, train\n"
+        "if __name__ == '__main__':\n"
+        f"    kw = dict(slides={str(cohort_csv)!r}, out={str(run)!r}, batch_size=3, lr=1e-3,\n"
+        "              device='cpu', progress=False, val_fraction=0.25, workers=4)\n"
+        "    train(TrainOptions(model='ats', epochs=2, **kw))\n"
+        f"    train(TrainOptions(resume={str(run)!r}, epochs=3, **kw))\n")
+    done = subprocess.run([sys.executable, str(script)], timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3]

@@ -121,7 +121,9 @@ class TrainOptions:
         Lesion classes left out of the run (the paper excludes ``itc``).
     workers : int
         DataLoader worker processes (0: layer-1 reads in the main process; region reads are
-        threaded either way).
+        threaded either way). They start from a fork server and live for the whole run; a
+        script that calls :func:`train` with workers needs the usual
+        ``if __name__ == "__main__":`` guard.
     rule : {"enough", "paper"}
         Pyramid level rule for every read.
     progress : bool
@@ -830,15 +832,42 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def _loader(dataset: SlideDataset, order: Sequence[int], batch_size: int, workers: int):
-    from torch.utils.data import DataLoader
+class _EpochOrder(torch.utils.data.Sampler):
+    """The slide order of the current epoch (set before each pass)."""
 
-    return DataLoader(dataset, batch_size=batch_size, sampler=list(order), num_workers=workers,
-                      collate_fn=_collate, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
-def _run_epoch(task, dataset: SlideDataset, records: list[SlideRecord], order: Sequence[int],
+class _Loader:
+    """One DataLoader per dataset for the whole run, so worker processes (and the slides they
+    have open) persist across epochs; :meth:`epoch` sets the order of the next pass."""
+
+    def __init__(self, dataset: SlideDataset, batch_size: int, workers: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.sampler = _EpochOrder()
+        # Workers come from a fork server, not a fork of this process: a fork taken while the
+        # region-reading threads and torch's thread pools exist can inherit a held lock and
+        # hang (seen on a second train() in one process).
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=workers, collate_fn=_collate,
+                                 persistent_workers=workers > 0,
+                                 pin_memory=torch.cuda.is_available(),
+                                 multiprocessing_context="forkserver" if workers > 0 else None)
+
+    def epoch(self, order: Sequence[int]):
+        self.sampler.order = [int(i) for i in order]
+        return self.loader
+
+
+def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequence[int],
                batch_size: int, options: TrainOptions, pool: SlidePool,
                reader_pool: ThreadPoolExecutor, *, train: bool, epoch: int, amp: bool,
                scaler=None, schedule: CosineSchedule | None = None, desc: str = ""):
@@ -858,7 +887,7 @@ def _run_epoch(task, dataset: SlideDataset, records: list[SlideRecord], order: S
     probs = np.zeros(len(order))
     labels = np.zeros(len(order), dtype=int)
     seen = 0
-    loader = _loader(dataset, order, batch_size, options.workers)
+    loader = loaders.epoch(order)
     bar = None
     if options.progress:
         from tqdm import tqdm
@@ -1053,13 +1082,15 @@ def train(options: TrainOptions) -> TrainResult:
     # its chunks on two threads of its own).
     reader_pool = ThreadPoolExecutor(max(2, min(batch_size, (os.cpu_count() or 2) // 2)),
                                      thread_name_prefix="napari-magnet-train")
+    train_loader = _Loader(train_set, batch_size, options.workers)
+    val_loader = _Loader(val_set, batch_size, options.workers)
     epoch = first_epoch - 1
     try:
         for epoch in range(first_epoch, options.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
             order = _rng(options.seed, epoch).permutation(len(train_records)).tolist()
             train_loss, parts, train_probs, train_labels = _run_epoch(
-                task, train_set, train_records, order, batch_size, options, pool, reader_pool,
+                task, train_loader, train_records, order, batch_size, options, pool, reader_pool,
                 train=True, epoch=epoch, amp=amp, scaler=scaler, schedule=schedule,
                 desc=f"epoch {epoch}/{options.epochs}")
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
@@ -1068,7 +1099,7 @@ def train(options: TrainOptions) -> TrainResult:
             row.update({f"train_{k}": v for k, v in parts.items()})
             if val_records:
                 val_loss, _, val_probs, val_labels = _run_epoch(
-                    task, val_set, val_records, list(range(len(val_records))), batch_size,
+                    task, val_loader, val_records, list(range(len(val_records))), batch_size,
                     options, pool, reader_pool, train=False, epoch=epoch, amp=amp,
                     desc="validation")
                 if not np.all(np.isfinite(val_probs)):
