@@ -78,6 +78,9 @@ STATE_JSON = "train_state.json"
 STATE_DIR = "train_state"
 PAPER_MAGNET_LR = 3e-5
 ATS_LR = 1e-3
+#: Environment variable: MB of decoded chunks a training run may keep cached across its
+#: slides (default 8192; each open slide caches up to 48 MB).
+TRAIN_CACHE_ENV = "NAPARI_MAGNET_TRAIN_CACHE_MB"
 
 
 # ----------------------------------------------------------------------------- options
@@ -1075,7 +1078,12 @@ def train(options: TrainOptions) -> TrainResult:
                   f"batch {batch_size}, lr {schedule.lr():.3g}, device {device}"
                   f"{', mixed precision' if amp else ''}; epochs {first_epoch}..{options.epochs}")
 
-    pool = SlidePool(max_open=max(2 * batch_size, 16), rule=options.rule)
+    # Keep the run's slides open, decoded chunks cached, across epochs when they fit in the
+    # training cache budget: re-decoding every slide every epoch starved the GPU.
+    per_slide = SlidePool().cache_bytes
+    budget = int(os.environ.get(TRAIN_CACHE_ENV, 8192)) * 2**20
+    keep_open = min(len(train_records) + len(val_records), budget // per_slide)
+    pool = SlidePool(max_open=max(2 * batch_size, 16, keep_open), rule=options.rule)
     train_set = SlideDataset(train_records, task.sizes, pool)
     val_set = SlideDataset(val_records, task.sizes, pool)
     # One thread per slide of the batch, up to half the cores (each slide's reader decodes
