@@ -105,4 +105,9 @@ def run() -> list[Section] | None:
                " / ".join(f"{s:.1f}" for s in figures["epochs"])]],
         notes=[f"{SLIDES['n']} synthetic {SLIDES['width']}² slides at {SLIDES['mpp']} µm/px, "
                f"20% held out; epoch 2's training steps profiled (torch.profiler, CUDA "
-               f"kernels' summed time over the steps' wall time); bf16 autocast"])]
+               f"kernels' summed time over the steps' wall time); bf16 autocast; region reads "
+               f"resampled on the GPU; {'met' if figures['busy'] >= 0.7 else 'NOT met'}",
+               "What the GPU waits for: inside a step each magnifying layer's θ decides the "
+               "next layer's reads (decode from the chunk cache, crop, copy to the GPU), so "
+               "they sit between the layers' kernels; overlapping one half-batch's reads with "
+               "the other's compute is the next step"])]
