@@ -64,7 +64,7 @@ LEARN_DIR ?= benchmarks/_data/learn
 LEARN_SLIDES := --width 8192 --height 8192 --mpp 0.5 --jobs $(shell nproc) --quiet
 DEMO_RUN := $(LEARN_DIR)/runs/demo
 DEMO_EPOCHS ?= 13
-DEMO_DEVICE ?= cuda
+DEMO_DEVICE ?= auto
 DEMO_WEIGHTS := src/napari_magnet/weights/demo
 
 $(LEARN_DIR)/train/cohort.csv:
@@ -77,7 +77,8 @@ $(LEARN_DIR)/test/cohort.csv:
 
 # magnet3-lite on the training cohort, ITC excluded (the paper's protocol), 15% held out for
 # validation; the best validation epoch is shipped. Made for a GPU (about 4 minutes on an
-# H100 with 16 cores); DEMO_DEVICE=cpu works but takes hours on a small machine. An
+# H100 with 16 cores; DEMO_DEVICE=auto picks CUDA when present); on a small CPU-only machine
+# it takes hours. An
 # interrupted run resumes where it stopped.
 demo-model: setup $(LEARN_DIR)/train/cohort.csv $(LEARN_DIR)/test/cohort.csv
 	$(VENV)/bin/napari-magnet train --slides $(LEARN_DIR)/train/cohort.csv \
