@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .regions import RegionReader
+from .regions import RegionReader, clip_boxes
 from .types import MagnifyResult, MagnifyStep
 
 
@@ -43,12 +43,6 @@ def restrict_to_visible(attention: torch.Tensor, frame: np.ndarray,
     mask = torch.from_numpy(inside).to(attention.device, attention.dtype)
     masked = attention * mask
     return masked / masked.sum(dim=(-2, -1), keepdim=True)
-
-
-def _clip_boxes(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    lo = np.maximum(boxes[:, :2], box[:2])
-    hi = np.maximum(np.minimum(boxes[:, 2:], box[2:]), lo)
-    return np.concatenate([lo, hi], axis=1)
 
 
 def _check_draws(attention: torch.Tensor, n: int, replace: bool, what: str) -> None:
@@ -91,7 +85,7 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
             layer=1,
             region_ids=[str(i + 1) for i in range(n)],
             parent_ids=[""] * n,
-            boxes=_clip_boxes(patch_boxes, box),
+            boxes=clip_boxes(patch_boxes, box),
             levels=batch.levels,
             attention_maps=[attention[0].float().cpu().numpy()],
             attention_boxes=frames.copy(),
@@ -113,7 +107,7 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
             layer=1,
             region_ids=[str(i + 1) for i in range(n1)],
             parent_ids=[""] * n1,
-            boxes=_clip_boxes(region_frames, box),
+            boxes=clip_boxes(region_frames, box),
             levels=region_batch.levels,
             attention_maps=[attention[0].float().cpu().numpy()],
             attention_boxes=frames.copy(),
@@ -133,7 +127,7 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
             layer=2,
             region_ids=[f"{i + 1}.{j + 1}" for i in range(n1) for j in range(n)],
             parent_ids=[str(i + 1) for i in range(n1) for _ in range(n)],
-            boxes=_clip_boxes(patch_boxes, box),
+            boxes=clip_boxes(patch_boxes, box),
             levels=batch.levels,
             attention_maps=[m.float().cpu().numpy() for m in region_att],
             attention_boxes=region_frames.copy(),

@@ -93,12 +93,16 @@ def child_frames(frames: np.ndarray, visible: np.ndarray,
     ccy = centre[:, None, 1] + ty * half[:, None, 1]
     hx, hy = sx * half[:, None, 0], sy * half[:, None, 1]
     child = np.stack([ccx - hx, ccy - hy, ccx + hx, ccy + hy], axis=-1).reshape(n * p, 4)
-    parent_visible = np.repeat(visible, p, axis=0)
-    lo = np.maximum(child[:, :2], parent_visible[:, :2])
-    hi = np.minimum(child[:, 2:], parent_visible[:, 2:])
-    lo = np.minimum(lo, parent_visible[:, 2:])
-    hi = np.maximum(hi, lo)
-    return child, np.concatenate([lo, hi], axis=1)
+    return child, clip_boxes(child, np.repeat(visible, p, axis=0))
+
+
+def clip_boxes(boxes: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Clip ``(N, 4)`` boxes to ``visible`` (one ``(4,)`` box or ``(N, 4)``); a box that misses
+    it entirely becomes an empty box at the nearest edge."""
+    visible = np.broadcast_to(np.asarray(visible, dtype=np.float64), boxes.shape)
+    lo = np.minimum(np.maximum(boxes[:, :2], visible[:, :2]), visible[:, 2:])
+    hi = np.maximum(np.minimum(boxes[:, 2:], visible[:, 2:]), lo)
+    return np.concatenate([lo, hi], axis=1)
 
 
 class RegionReader:

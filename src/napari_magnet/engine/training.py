@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .cohort import (SlideDataset, SlidePool, SlideRecord, class_counts, read_cohort,
                      split_cohort)
 from .evaluation import accuracy, auroc
+from .regions import clip_boxes
 
 __all__ = [
     "STATE_FORMAT",
@@ -206,14 +207,6 @@ def chain_frames(frame1: np.ndarray, centres: np.ndarray, half: np.ndarray) -> n
     return np.stack([x0 + lo[:, 0], y0 + lo[:, 1], x0 + hi[:, 0], y0 + hi[:, 1]], axis=1)
 
 
-def _clip_to(frames: np.ndarray, box: np.ndarray) -> np.ndarray:
-    lo = np.maximum(frames[:, :2], box[:2])
-    hi = np.minimum(frames[:, 2:], box[2:])
-    lo = np.minimum(lo, box[2:])
-    hi = np.maximum(hi, lo)
-    return np.concatenate([lo, hi], axis=1)
-
-
 def _uint8_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float().div_(255.0)
 
@@ -347,7 +340,7 @@ class _MagNetTask:
                 orig = op.to_original(rows) if op is not None else rows
                 frames = chain_frames(batch.frames[b], orig[:, :, 2].numpy().astype(np.float64),
                                       rows[:, 0, 0].abs().numpy().astype(np.float64))
-                visible = _clip_to(frames, batch.visible[b])
+                visible = clip_boxes(frames, batch.visible[b])
                 t = batch.entries[b][1].read(frames, size, visible, device=self.device).pixels
                 return op.apply(t) if op is not None else t
 
