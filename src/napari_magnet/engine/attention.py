@@ -76,46 +76,34 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
     centres = model.positions_to_centres(indices, attention.shape[-2:], view.shape[-2:])
     centres_np = centres[0].float().cpu().numpy()
     view_h, view_w = view.shape[-2:]
-    pixels = view_h * view_w
+    # Layer 1: what the view's attention drew — the patches, or (two-level) the regions.
+    side, size = (cfg.region_side, cfg.region_size) if cfg.two_level else (cfg.patch_side,
+                                                                           cfg.patch_size)
+    first_frames = patch_frames(frame, centres_np, side)
+    first_batch = reader.read(first_frames, size, np.repeat(visible, first, axis=0))
+    yield MagnifyStep(
+        layer=1,
+        region_ids=[str(i + 1) for i in range(first)],
+        parent_ids=[""] * first,
+        boxes=clip_boxes(first_frames, box),
+        levels=first_batch.levels,
+        attention_maps=[attention[0].float().cpu().numpy()],
+        attention_boxes=frames.copy(),
+        attention_mass=sampled[0].float().cpu().numpy().astype(float),
+        scales=np.full(first, side / (frame[2] - frame[0])),
+        aux_probability=None,
+        patches=first_batch.images if keep_patches else None,
+    )
+    pixels = view_h * view_w + first * size ** 2
     if not cfg.two_level:
-        patch_boxes = patch_frames(frame, centres_np, cfg.patch_side)
-        batch = reader.read(patch_boxes, cfg.patch_size, np.repeat(visible, n, axis=0))
-        logits, _ = model.classify(batch.to_tensor(dev), attention, indices, replace=cfg.replace)
-        yield MagnifyStep(
-            layer=1,
-            region_ids=[str(i + 1) for i in range(n)],
-            parent_ids=[""] * n,
-            boxes=clip_boxes(patch_boxes, box),
-            levels=batch.levels,
-            attention_maps=[attention[0].float().cpu().numpy()],
-            attention_boxes=frames.copy(),
-            attention_mass=sampled[0].float().cpu().numpy().astype(float),
-            scales=np.full(n, cfg.patch_side / (frame[2] - frame[0])),
-            aux_probability=None,
-            patches=batch.images if keep_patches else None,
-        )
-        pixels += n * cfg.patch_size ** 2
+        logits, _ = model.classify(first_batch.to_tensor(dev), attention, indices,
+                                   replace=cfg.replace)
     else:
-        n1 = cfg.n_regions
-        region_frames = patch_frames(frame, centres_np, cfg.region_side)
-        region_batch = reader.read(region_frames, cfg.region_size, np.repeat(visible, n1, axis=0))
-        region_att = model.region_attention(region_batch.to_tensor(dev))
+        n1, region_frames = first, first_frames
+        region_att = model.region_attention(first_batch.to_tensor(dev))
         region_att = torch.cat([restrict_to_visible(region_att[i:i + 1], region_frames[i], box)
                                 for i in range(n1)])
         _check_draws(region_att, n, cfg.replace, "patches per region")
-        yield MagnifyStep(
-            layer=1,
-            region_ids=[str(i + 1) for i in range(n1)],
-            parent_ids=[""] * n1,
-            boxes=clip_boxes(region_frames, box),
-            levels=region_batch.levels,
-            attention_maps=[attention[0].float().cpu().numpy()],
-            attention_boxes=frames.copy(),
-            attention_mass=sampled[0].float().cpu().numpy().astype(float),
-            scales=np.full(n1, cfg.region_side / (frame[2] - frame[0])),
-            aux_probability=None,
-            patches=region_batch.images if keep_patches else None,
-        )
         region_idx, region_sampled = model.sample(region_att, n, cfg.replace, generator)
         sub = model.positions_to_centres(region_idx, region_att.shape[-2:]).float().cpu().numpy()
         patch_boxes = np.concatenate([patch_frames(region_frames[i], sub[i], cfg.patch_side)
@@ -136,7 +124,7 @@ def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
             aux_probability=None,
             patches=batch.images if keep_patches else None,
         )
-        pixels += n1 * cfg.region_size ** 2 + n1 * n * cfg.patch_size ** 2
+        pixels += n1 * n * cfg.patch_size ** 2
     probability = float(torch.softmax(logits.float(), dim=1)[0, -1])
     return MagnifyResult(
         probability=probability,
