@@ -62,8 +62,8 @@ def cohort(name: str, spec: dict) -> Path:
 # ----------------------------------------------------------------------------- mean RGB
 
 
-def mean_rgb(path: Path) -> tuple[np.ndarray, int, float]:
-    """Mean R, G, B (0-1) of the slide's smallest level; the RGB values read; seconds."""
+def mean_rgb(path: Path) -> tuple[np.ndarray, int, float, tuple[float, float] | None]:
+    """Mean R, G, B (0-1) of the slide's smallest level; the RGB values read; seconds; mpp."""
     from napari_magnet import open_slide
 
     start = time.perf_counter()
@@ -71,8 +71,9 @@ def mean_rgb(path: Path) -> tuple[np.ndarray, int, float]:
         level = slide.level_count - 1
         w, h = slide.level_dimensions[level]
         image = slide.read_level(level, 0, 0, w, h)
+        mpp = slide.mpp
     feats = image.reshape(-1, 3).mean(axis=0) / 255.0
-    return feats, int(image.size), time.perf_counter() - start
+    return feats, int(image.size), time.perf_counter() - start, mpp
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2,
@@ -95,7 +96,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2,
 
 
 def mean_rgb_baseline(train_records, test_records):
-    from napari_magnet.engine.evaluation import SlideOutcome
+    from napari_magnet.engine.evaluation import SlideOutcome, largest_lesion_mm
 
     start = time.process_time()
     x = np.stack([mean_rgb(r.path)[0] for r in train_records])
@@ -104,10 +105,11 @@ def mean_rgb_baseline(train_records, test_records):
     cpu = time.process_time() - start
     outcomes = []
     for r in test_records:
-        feats, read, seconds = mean_rgb(r.path)
+        feats, read, seconds, mpp = mean_rgb(r.path)
         z = np.r_[1.0, (feats - mean) / std]
         outcomes.append(SlideOutcome(str(r.path), r.label, r.lesion_class,
-                                     float(1.0 / (1.0 + np.exp(-z @ w))), read, read, seconds))
+                                     float(1.0 / (1.0 + np.exp(-z @ w))), read, read, seconds,
+                                     largest_lesion_mm(r.lesion_boxes, mpp)))
     return outcomes, cpu
 
 
@@ -179,6 +181,37 @@ def magnet_model(train_csv: Path) -> tuple[Path, str, str]:
     return path, budget, f"trained here with the demo recipe ({recipe['epochs']} epochs)"
 
 
+def _looked_split(outcomes, name: str) -> list[str]:
+    """Per positive class: the AUROC of the slides with an ROI on the lesion and without."""
+    from napari_magnet.engine.evaluation import ROI_ON_LESION, auroc
+
+    negatives = [o.probability for o in outcomes if o.label == 0]
+    lines = []
+    for cls in ("micro", "itc"):
+        parts = []
+        for looked in (True, False):
+            group = [o.probability for o in outcomes if o.label == 1 and o.lesion_class == cls
+                     and o.roi_in_lesion is not None
+                     and (o.roi_in_lesion >= ROI_ON_LESION) == looked]
+            if group and negatives:
+                score = auroc([1] * len(group) + [0] * len(negatives), group + negatives)
+                parts.append(f"{'with' if looked else 'without'} an ROI on the lesion "
+                             f"{score:.3f} ({len(group)} slide{'' if len(group) == 1 else 's'})")
+        if parts:
+            lines.append(f"{name}, {cls} AUROC against all negatives: {'; '.join(parts)}")
+    return lines
+
+
+def _size_cell(rows: list[dict], group: str) -> str:
+    """``AUROC / ROI on lesion (n)`` of a lesion-size row, ``—`` when absent."""
+    row = next((r for r in rows if r["group"] == group), None)
+    if row is None:
+        return "—"
+    looked = row.get("roi_on_lesion", float("nan"))
+    looked_text = "—" if looked != looked else f"{looked:.0%}"
+    return f"{_class_auroc(rows, group)} / {looked_text} ({row['n_positive']})"
+
+
 def _class_auroc(rows: list[dict], group: str) -> str:
     for r in rows:
         if r["group"] == group:
@@ -205,7 +238,8 @@ def run() -> list[Section]:
     magnet_path, magnet_budget, magnet_note = magnet_model(train_csv)
     print(f"  evaluating magnet3-lite ({magnet_note})", flush=True)
     magnet = load_model(magnet_path, device="cpu")
-    magnet_rows = summarize(evaluate_cohort(test_records, magnet, device="cpu"))
+    magnet_outcomes = evaluate_cohort(test_records, magnet, device="cpu")
+    magnet_rows = summarize(magnet_outcomes)
     entries.append(("magnet3-lite", magnet_rows, magnet_budget, magnet_note))
 
     print("  ats", flush=True)
@@ -236,7 +270,7 @@ def run() -> list[Section]:
         title="Demo model on held-out synthetic slides",
         goal="the shipped `demo` checkpoint (magnet3-lite, `make demo-model`) — trained and "
              "tested on synthetic slides only; not for diagnosis",
-        header=["slides", "positives", "negatives", "AUROC", "accuracy",
+        header=["slides", "positives", "negatives", "AUROC", "accuracy", "ROI on lesion",
                 "pixels processed / slide", "pixels read / slide", "s / slide"],
         rows=[line.strip("|").split(" | ") for line in
               markdown_table(magnet_rows).strip().splitlines()[2:]],
@@ -292,4 +326,25 @@ def run() -> list[Section]:
                      "in the held-out set although no model was trained on ITC",
                      "pixels processed: RGB values the networks see (DESIGN §4); pixels read: "
                      "RGB values decoded from the pyramid"]
-    return [demo, compare]
+    size_groups = [r["group"] for r in magnet_rows if r["group"].startswith("lesion ")]
+    by_size = Section(
+        title="Learning: AUROC by the largest lesion's size (held-out)",
+        goal="how small a lesion each model still finds, and whether it looked there: "
+             "positives grouped by the longer side of their largest lesion box, each group "
+             "against all negatives; each cell is AUROC / ROI on lesion (n)",
+        header=["model", *[g.removeprefix("lesion ") for g in size_groups]],
+    )
+    for name, rows, _, _ in entries:
+        by_size.rows.append([name, *[_size_cell(rows, g) for g in size_groups]])
+    by_size.notes = [*_looked_split(magnet_outcomes, "magnet3-lite"), cohort_text,
+                     "ROI on lesion: the fraction of the group's slides where at least one "
+                     "final ROI (magnet3-lite: the 18 layer-3 regions; ats: the sampled "
+                     "patches) lies at least half inside a lesion box; — for mean RGB, which "
+                     "has no ROIs. A miss with an ROI on the lesion is the classifier's; a "
+                     "miss without one is the attention's",
+                     "lesion classes by size: ITC < 0.2 mm, micro 0.2–2 mm, macro > 2 mm; a "
+                     "slide's satellite lesions do not count, only its largest box",
+                     f"the same {counts.get('negative', 0)} negatives in every column; n = "
+                     f"positives in the group, so a column with few slides is coarse (one "
+                     f"slide moves its AUROC by up to 1/n)"]
+    return [demo, compare, by_size]

@@ -6,7 +6,14 @@ processed per slide in the paper's sense, pixels read from disk, seconds per sli
 
 Per lesion class, the AUROC compares that class's positive slides with **all** negative
 slides (Camelyon's convention for macro/micro/ITC figures); the accuracy is over the same
-slides at the 0.5 threshold.
+slides at the 0.5 threshold. When the cohort gives lesion boxes and the slides their µm per
+pixel, positives are also grouped by the size of their largest lesion (its box's longer side,
+bins at 0.2, 0.5, 1 and 2 mm), each group against all negatives: a pathologist reading a
+detector's figures asks how small a lesion it still finds. With lesion boxes, each positive
+group also reports how often the model *looked* at the lesion: the fraction of its slides
+where at least one final ROI (the last magnifying layer's regions, or the sampled patches)
+lies at least half inside a lesion box. A slide that is missed although an ROI was on the
+lesion is the classifier's error; one missed with no ROI there is the attention's.
 
 The AUROC is the rank form of the Mann–Whitney U statistic, in numpy, with tied scores given
 their average rank (a tie between a positive and a negative counts one half).
@@ -27,9 +34,12 @@ from .cohort import LESION_CLASSES, SlideRecord
 
 __all__ = [
     "SlideOutcome",
+    "SIZE_BINS_MM",
     "accuracy",
     "auroc",
     "evaluate_cohort",
+    "largest_lesion_mm",
+    "roi_in_lesion",
     "markdown_table",
     "summarize",
     "write_report",
@@ -94,7 +104,12 @@ def accuracy(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nd
 
 @dataclass
 class SlideOutcome:
-    """One slide's evaluation."""
+    """One slide's evaluation.
+
+    ``lesion_mm`` is the longer side, in mm, of the slide's largest lesion box (None when the
+    cohort gives no boxes or the slide no µm per pixel). ``roi_in_lesion`` is
+    :func:`roi_in_lesion` of the run's final ROIs (None without lesion boxes or ROIs).
+    """
 
     path: str
     label: int
@@ -103,6 +118,67 @@ class SlideOutcome:
     pixels_processed: int
     pixels_read: int
     seconds: float
+    lesion_mm: float | None = None
+    roi_in_lesion: float | None = None
+
+
+ROI_ON_LESION = 0.5
+
+
+def roi_in_lesion(rois: np.ndarray, lesion_boxes: Sequence[Sequence[float]]) -> float | None:
+    """The largest fraction of one ROI's area that lies inside one lesion box.
+
+    Parameters
+    ----------
+    rois : np.ndarray
+        ``(N, 4)`` level-0 ``(x0, y0, x1, y1)`` boxes.
+    lesion_boxes : sequence of 4-sequences
+        Level-0 lesion boxes.
+
+    Returns
+    -------
+    float or None
+        In ``[0, 1]``; None when there are no ROIs or no lesion boxes.
+    """
+    rois = np.asarray(rois, dtype=np.float64).reshape(-1, 4)
+    if not len(rois) or not lesion_boxes:
+        return None
+    lesions = np.asarray(lesion_boxes, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(rois[:, None, 0], lesions[None, :, 0])
+    y0 = np.maximum(rois[:, None, 1], lesions[None, :, 1])
+    x1 = np.minimum(rois[:, None, 2], lesions[None, :, 2])
+    y1 = np.minimum(rois[:, None, 3], lesions[None, :, 3])
+    inside = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(area[:, None] > 0, inside / area[:, None], 0.0)
+    return float(frac.max())
+
+
+SIZE_BINS_MM = (0.2, 0.5, 1.0, 2.0)
+
+
+def largest_lesion_mm(boxes: Sequence[Sequence[float]],
+                      mpp: tuple[float, float] | None) -> float | None:
+    """Longer side in mm of the largest of level-0 ``(x0, y0, x1, y1)`` boxes at ``mpp`` µm/px.
+
+    None when there are no boxes or no ``mpp``.
+    """
+    if not boxes or not mpp:
+        return None
+    mpp_x, mpp_y = mpp
+    return max(max(abs(x1 - x0) * mpp_x, abs(y1 - y0) * mpp_y)
+               for x0, y0, x1, y1 in boxes) / 1000.0
+
+
+def _size_bin(mm: float) -> str:
+    edges = SIZE_BINS_MM
+    if mm < edges[0]:
+        return f"< {edges[0]:g} mm"
+    for lo, hi in zip(edges, edges[1:]):
+        if mm < hi:
+            return f"{lo:g}–{hi:g} mm"
+    return f"≥ {edges[-1]:g} mm"
 
 
 def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto", *,
@@ -133,15 +209,20 @@ def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto",
     outcomes: list[SlideOutcome] = []
     for i, record in enumerate(records):
         result = None
+        final_rois = np.zeros((0, 4))
         with open_slide(record.path) as slide:
             for item in magnify(slide, model, device=device, rule=rule, seed=seed):
                 if isinstance(item, MagnifyResult):
                     result = item
+                else:
+                    final_rois = item.boxes
+            lesion_mm = largest_lesion_mm(record.lesion_boxes, slide.mpp)
         assert result is not None
         outcome = SlideOutcome(
             path=str(record.path), label=record.label, lesion_class=record.lesion_class,
             probability=float(result.probability), pixels_processed=int(result.pixels_processed),
-            pixels_read=int(result.pixels_read), seconds=float(result.seconds))
+            pixels_read=int(result.pixels_read), seconds=float(result.seconds),
+            lesion_mm=lesion_mm, roi_in_lesion=roi_in_lesion(final_rois, record.lesion_boxes))
         outcomes.append(outcome)
         if progress is not None:
             progress(i + 1, len(records), outcome)
@@ -151,6 +232,8 @@ def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto",
 def _row(group: str, members: list[SlideOutcome], threshold: float) -> dict:
     labels = np.array([o.label for o in members], dtype=int)
     probs = np.array([o.probability for o in members], dtype=np.float64)
+    looked = [o.roi_in_lesion >= ROI_ON_LESION for o in members
+              if o.label == 1 and o.roi_in_lesion is not None]
     return {
         "group": group,
         "n_positive": int(labels.sum()),
@@ -163,16 +246,20 @@ def _row(group: str, members: list[SlideOutcome], threshold: float) -> dict:
         if members else float("nan"),
         "mean_seconds": float(np.mean([o.seconds for o in members])) if members
         else float("nan"),
+        "roi_on_lesion": float(np.mean(looked)) if looked else float("nan"),
     }
 
 
 def summarize(outcomes: Sequence[SlideOutcome], threshold: float = 0.5) -> list[dict]:
-    """Rows ``all``, one per positive lesion class (vs all negatives), then ``negative``.
+    """Rows ``all``, one per positive lesion class (vs all negatives), one per lesion size
+    (``lesion 0.5–1 mm`` …, vs all negatives; only sizes that positives with a known
+    ``lesion_mm`` fall in), then ``negative``.
 
     Each row: ``group``, ``n_positive``, ``n_negative``, ``auroc`` (``nan`` when a class is
     absent), ``accuracy``, ``mean_pixels_processed``, ``mean_pixels_read``,
-    ``mean_seconds``. The ``negative`` row's accuracy is the specificity; its AUROC is
-    ``nan``.
+    ``mean_seconds``, ``roi_on_lesion`` (the fraction of the group's positives with a final
+    ROI at least half inside a lesion box; ``nan`` without boxes). The ``negative`` row's
+    accuracy is the specificity; its AUROC is ``nan``.
     """
     outcomes = list(outcomes)
     negatives = [o for o in outcomes if o.label == 0]
@@ -183,6 +270,11 @@ def summarize(outcomes: Sequence[SlideOutcome], threshold: float = 0.5) -> list[
         positives = [o for o in outcomes if o.label == 1 and o.lesion_class == cls]
         if positives:
             rows.append(_row(cls, positives + negatives, threshold))
+    sized = [o for o in outcomes if o.label == 1 and o.lesion_mm is not None]
+    for lo in (0.0, *SIZE_BINS_MM):
+        positives = [o for o in sized if _size_bin(o.lesion_mm) == _size_bin(lo)]
+        if positives:
+            rows.append(_row(f"lesion {_size_bin(lo)}", positives + negatives, threshold))
     if negatives:
         row = _row("negative", negatives, threshold)
         rows.append(row)
@@ -205,14 +297,15 @@ def markdown_table(rows: Sequence[dict], title: str | None = None) -> str:
     lines = []
     if title:
         lines += [f"**{title}**", ""]
-    lines.append("| slides | positives | negatives | AUROC | accuracy | pixels processed / slide "
-                 "| pixels read / slide | s / slide |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| slides | positives | negatives | AUROC | accuracy | ROI on lesion "
+                 "| pixels processed / slide | pixels read / slide | s / slide |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = {"all": "all", "negative": "negative (specificity)"}.get(
             r["group"], f"{r['group']} vs negative")
         lines.append(f"| {name} | {r['n_positive']} | {r['n_negative']} | {_fmt(r['auroc'])} | "
-                     f"{_fmt(r['accuracy'])} | {_fmt_pixels(r['mean_pixels_processed'])} | "
+                     f"{_fmt(r['accuracy'])} | {_fmt(r.get('roi_on_lesion', float('nan')), 2)} | "
+                     f"{_fmt_pixels(r['mean_pixels_processed'])} | "
                      f"{_fmt_pixels(r['mean_pixels_read'])} | {_fmt(r['mean_seconds'], 2)} |")
     return "\n".join(lines) + "\n"
 
@@ -240,11 +333,15 @@ def write_report(path: str | os.PathLike, rows: Sequence[dict],
         lines = [f"# Evaluation of {meta.get('model', 'a model')}", ""]
         for key, value in meta.items():
             lines.append(f"- {key}: {value}")
-        lines += ["", markdown_table(rows), "", "| slide | class | probability | pixels "
-                  "processed | pixels read | s |", "|---|---|---|---|---|---|"]
+        lines += ["", markdown_table(rows), "", "| slide | class | largest lesion | "
+                  "ROI in lesion | probability | pixels processed | pixels read | s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for o in outcomes:
-            lines.append(f"| {Path(o.path).name} | {o.lesion_class} | {o.probability:.3f} | "
-                         f"{o.pixels_processed:,} | {o.pixels_read:,} | {o.seconds:.2f} |")
+            size = "—" if o.lesion_mm is None else f"{o.lesion_mm:.2f} mm"
+            inside = "—" if o.roi_in_lesion is None else f"{o.roi_in_lesion:.0%}"
+            lines.append(f"| {Path(o.path).name} | {o.lesion_class} | {size} | {inside} | "
+                         f"{o.probability:.3f} | {o.pixels_processed:,} | {o.pixels_read:,} | "
+                         f"{o.seconds:.2f} |")
         text = "\n".join(lines) + "\n"
     else:
         text = json.dumps(_json_safe({"meta": meta, "summary": list(rows),
