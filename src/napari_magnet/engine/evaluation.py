@@ -122,6 +122,7 @@ class SlideOutcome:
     roi_in_lesion: float | None = None
 
 
+# An ROI is "on the lesion" when at least this fraction of its area lies inside a lesion box.
 ROI_ON_LESION = 0.5
 
 
