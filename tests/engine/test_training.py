@@ -348,3 +348,23 @@ def test_two_runs_with_worker_processes_in_one_process_do_not_hang(cohort_csv, t
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3]
+
+
+def test_slide_pools_fit_the_memory_budget_and_workers_do_not_copy_it(monkeypatch):
+    from napari_magnet.engine.training import (OPEN_SLIDE_OVERHEAD, TRAIN_CACHE_ENV,
+                                               slide_pools, train_cache_budget)
+
+    per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD
+    monkeypatch.setenv(TRAIN_CACHE_ENV, str(40 * per_slide / 2**20))
+    assert train_cache_budget() == 40 * per_slide
+    pool, layer1 = slide_pools(400, 16, workers=0)
+    assert pool is layer1 and pool.max_open == 40  # what 40 slides' memory holds
+    pool, layer1 = slide_pools(25, 16, workers=4)
+    assert pool.max_open == 32  # never fewer than two batches need
+    assert layer1 is not pool and layer1.max_open == 16  # each worker's own, small
+    monkeypatch.setenv(TRAIN_CACHE_ENV, "lots")
+    with pytest.raises(ValueError, match=TRAIN_CACHE_ENV):
+        train_cache_budget()
+    monkeypatch.delenv(TRAIN_CACHE_ENV)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert train_cache_budget() == min(12 * 2**30, ram // 4)

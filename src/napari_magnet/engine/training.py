@@ -71,7 +71,9 @@ __all__ = [
     "export_model",
     "load_training_state",
     "plot_learning_curve",
+    "slide_pools",
     "train",
+    "train_cache_budget",
 ]
 
 STATE_FORMAT = "napari-magnet-training-state/1"
@@ -79,9 +81,13 @@ STATE_JSON = "train_state.json"
 STATE_DIR = "train_state"
 PAPER_MAGNET_LR = 3e-5
 ATS_LR = 1e-3
-#: Environment variable: MB of decoded chunks a training run may keep cached across its
-#: slides (default 8192; each open slide caches up to 48 MB).
+#: Environment variable: MB of memory a training run may spend keeping its slides open across
+#: epochs (default: a quarter of the machine's memory, at most 12 GiB).
 TRAIN_CACHE_ENV = "NAPARI_MAGNET_TRAIN_CACHE_MB"
+#: Memory an open slide holds besides its decoded-chunk cache: its reader's two threads (and
+#: their malloc arenas), the file's decoder and OpenSlide state. Measured on the synthetic
+#: 8192² slides: about 25 MB.
+OPEN_SLIDE_OVERHEAD = 32 * 2**20
 
 
 # ----------------------------------------------------------------------------- options
@@ -810,6 +816,45 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, notes: str =
 # ----------------------------------------------------------------------------- the loop
 
 
+def train_cache_budget() -> int:
+    """Bytes a training run may spend keeping slides open: ``$NAPARI_MAGNET_TRAIN_CACHE_MB``,
+    else a quarter of the machine's memory, at most 12 GiB."""
+    env = os.environ.get(TRAIN_CACHE_ENV)
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ValueError(f"{TRAIN_CACHE_ENV} must be a number of MB, got {env!r}") from None
+        if not mb >= 0:
+            raise ValueError(f"{TRAIN_CACHE_ENV} must be a number of MB >= 0, got {env!r}")
+        return int(mb * 2**20)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        ram = 16 * 2**30
+    return int(min(12 * 2**30, ram // 4))
+
+
+def slide_pools(n_slides: int, batch_size: int, workers: int,
+                rule: str = "enough") -> tuple[SlidePool, SlidePool]:
+    """The run's slide pools: ``(region_pool, layer1_pool)``.
+
+    The region pool (the main process's magnifying reads) keeps as many of the run's slides
+    open, chunks cached, as :func:`train_cache_budget` holds at the cache's limit plus
+    :data:`OPEN_SLIDE_OVERHEAD` each, and never fewer than a batch needs: re-decoding every
+    slide every epoch starved the GPU. Layer 1's reads come from the DataLoader; with worker
+    processes each worker opens its own slides, so they get a small pool of their own
+    (layer 1 reads the coarsest levels, cheap to reopen) instead of a copy of the big one,
+    whose memory would count once per worker.
+    """
+    per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD
+    keep_open = min(n_slides, train_cache_budget() // per_slide)
+    pool = SlidePool(max_open=max(2 * batch_size, 16, keep_open), rule=rule)
+    if workers <= 0:
+        return pool, pool
+    return pool, SlidePool(max_open=max(batch_size, 8), rule=rule)
+
+
 def _log(options: TrainOptions, text: str) -> None:
     if options.progress:
         print(text, file=sys.stderr, flush=True)
@@ -1071,14 +1116,10 @@ def train(options: TrainOptions) -> TrainResult:
                   f"batch {batch_size}, lr {schedule.lr():.3g}, device {device}"
                   f"{', mixed precision' if amp else ''}; epochs {first_epoch}..{options.epochs}")
 
-    # Keep the run's slides open, decoded chunks cached, across epochs when they fit in the
-    # training cache budget: re-decoding every slide every epoch starved the GPU.
-    per_slide = SlidePool().cache_bytes
-    budget = int(os.environ.get(TRAIN_CACHE_ENV, 8192)) * 2**20
-    keep_open = min(len(train_records) + len(val_records), budget // per_slide)
-    pool = SlidePool(max_open=max(2 * batch_size, 16, keep_open), rule=options.rule)
-    train_set = SlideDataset(train_records, task.sizes, pool)
-    val_set = SlideDataset(val_records, task.sizes, pool)
+    pool, layer1_pool = slide_pools(len(train_records) + len(val_records), batch_size,
+                                    options.workers, options.rule)
+    train_set = SlideDataset(train_records, task.sizes, layer1_pool)
+    val_set = SlideDataset(val_records, task.sizes, layer1_pool)
     # One thread per slide of the batch, up to half the cores (each slide's reader decodes
     # its chunks on two threads of its own).
     reader_pool = ThreadPoolExecutor(max(2, min(batch_size, (os.cpu_count() or 2) // 2)),
