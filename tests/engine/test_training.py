@@ -354,7 +354,7 @@ def test_slide_pools_fit_the_memory_budget_and_workers_do_not_copy_it(monkeypatc
     from napari_magnet.engine.training import (OPEN_SLIDE_OVERHEAD, TRAIN_CACHE_ENV,
                                                slide_pools, train_cache_budget)
 
-    per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD
+    per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD  # the default cache
     monkeypatch.setenv(TRAIN_CACHE_ENV, str(40 * per_slide / 2**20))
     assert train_cache_budget() == 40 * per_slide
     pool, layer1 = slide_pools(400, 16, workers=0)

@@ -322,7 +322,9 @@ class SlidePool:
     DataLoader worker processes (each opens its own slides).
     """
 
-    def __init__(self, max_open: int = 16, cache_bytes: int = 48 * 2**20,
+    DEFAULT_CACHE_BYTES = 48 * 2**20
+
+    def __init__(self, max_open: int = 16, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  rule: str = "enough", workers: int = 2) -> None:
         self.max_open = max(int(max_open), 1)
         self.cache_bytes = int(cache_bytes)

@@ -271,11 +271,13 @@ def summarize(outcomes: Sequence[SlideOutcome], threshold: float = 0.5) -> list[
         positives = [o for o in outcomes if o.label == 1 and o.lesion_class == cls]
         if positives:
             rows.append(_row(cls, positives + negatives, threshold))
-    sized = [o for o in outcomes if o.label == 1 and o.lesion_mm is not None]
-    for lo in (0.0, *SIZE_BINS_MM):
-        positives = [o for o in sized if _size_bin(o.lesion_mm) == _size_bin(lo)]
-        if positives:
-            rows.append(_row(f"lesion {_size_bin(lo)}", positives + negatives, threshold))
+    by_size: dict[str, list[SlideOutcome]] = {}
+    for o in outcomes:
+        if o.label == 1 and o.lesion_mm is not None:
+            by_size.setdefault(_size_bin(o.lesion_mm), []).append(o)
+    for size in (_size_bin(lo) for lo in (0.0, *SIZE_BINS_MM)):  # smallest first
+        if size in by_size:
+            rows.append(_row(f"lesion {size}", by_size[size] + negatives, threshold))
     if negatives:
         row = _row("negative", negatives, threshold)
         rows.append(row)

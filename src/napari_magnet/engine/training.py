@@ -847,7 +847,7 @@ def slide_pools(n_slides: int, batch_size: int, workers: int,
     (layer 1 reads the coarsest levels, cheap to reopen) instead of a copy of the big one,
     whose memory would count once per worker.
     """
-    per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD
+    per_slide = SlidePool.DEFAULT_CACHE_BYTES + OPEN_SLIDE_OVERHEAD
     keep_open = min(n_slides, train_cache_budget() // per_slide)
     pool = SlidePool(max_open=max(2 * batch_size, 16, keep_open), rule=rule)
     if workers <= 0:
