@@ -48,7 +48,7 @@ GOAL = ("MagNet (magnet3-lite) AUROC ≥ 0.95 on macro and ≥ 0.85 on micro les
 
 def cohort(name: str, spec: dict) -> Path:
     """The cohort's CSV, generating the slides once."""
-    from napari_magnet.slide.synthetic import generate_cohort
+    from napari_magnet.synth import generate_cohort
 
     out = LEARN_DIR / name
     csv_path = out / "cohort.csv"

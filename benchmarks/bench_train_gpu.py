@@ -27,7 +27,7 @@ WORKERS = 4
 
 
 def _cohort() -> Path:
-    from napari_magnet.slide.synthetic import generate_cohort
+    from napari_magnet.synth import generate_cohort
 
     out = DATA_DIR / "train_gpu"
     csv_path = out / "cohort.csv"
@@ -51,7 +51,9 @@ def measure(csv_path: Path, model: str = "magnet3", batch: int = BATCH,
     n = len(read_cohort(csv_path))
     steps = math.ceil((n - round(n * 0.2)) / batch)
     state: dict = {"step": 0}
-    task_cls = training._MagNetTask if model.startswith("magnet") else training._ATSTask
+    from napari_magnet.models.family import named_config
+
+    task_cls = named_config(model)[0].training_task
     loss, backward = task_cls.loss, task_cls.backward_step
 
     def timed_loss(self, *args):

@@ -78,7 +78,7 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def big_slide_path(progress: bool = True) -> Path:
     """The generated ``BIG_SIDE``² synthetic slide, made once and reused."""
-    from napari_magnet.slide.synthetic import SyntheticSlideSpec, generate_slide
+    from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 
     path = DATA_DIR / f"synthetic_{BIG_SIDE}.tif"
     if path.exists():
@@ -93,5 +93,5 @@ def big_slide_path(progress: bool = True) -> Path:
             print(f"  generating {path.name}: {done}/{total} tiles "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    generate_slide(path, spec, progress=report)  # writes <path>.part, renames when done
+    generate_slide(path, spec, progress=report)  # writes a temporary file, renames when done
     return path

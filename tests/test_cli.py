@@ -8,7 +8,7 @@ import pytest
 
 from napari_magnet.cli import main
 from napari_magnet.slide import open_slide
-from napari_magnet.slide.synthetic import read_ground_truth
+from napari_magnet.synth import read_ground_truth
 
 
 def test_synth_writes_a_slide_openslide_opens_with_its_truth(tmp_path, capsys):

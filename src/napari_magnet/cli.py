@@ -41,7 +41,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .slide.synthetic import SyntheticSlideSpec, generate_cohort, generate_slide
+    from .synth import SyntheticSlideSpec, generate_cohort, generate_slide
 
     out = Path(args.out)
     bar = tqdm(unit="tile" if args.n == 1 else "slide", disable=args.quiet)

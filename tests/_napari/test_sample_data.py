@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from napari_magnet.slide.synthetic import read_ground_truth
+from napari_magnet.synth import read_ground_truth
 
 
 def test_small_sample_opens_as_a_slide_layer_and_is_reused(make_napari_viewer, tmp_path,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_magnet import load_model, magnify, open_slide
-from napari_magnet.slide.synthetic import SyntheticSlideSpec, generate_slide
+from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 
 
 def slide_with_attention_on_its_lesion(path):

@@ -11,7 +11,7 @@ import pytest
 from napari_magnet.cli import main
 from napari_magnet.engine.cohort import (CohortError, SlideDataset, SlidePool, class_counts,
                                          read_cohort, split_cohort)
-from napari_magnet.slide.synthetic import generate_cohort
+from napari_magnet.synth import generate_cohort
 
 # Small real slides: 2048 px at 1.5 µm/px is 3.1 mm, room for every lesion class.
 COHORT_SIDE = 2048
@@ -192,9 +192,10 @@ def test_split_is_stratified_deterministic_and_checked(cohort_csv):
 
 
 def test_dataset_renders_layer1_letterboxed(tmp_path, cohort_csv):
-    from napari_magnet.engine.regions import RegionReader, slide_frame
+    from napari_magnet.engine.frames import slide_frame
+    from napari_magnet.engine.regions import RegionReader
     from napari_magnet.slide import open_slide
-    from napari_magnet.slide.synthetic import SyntheticSlideSpec, generate_slide
+    from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 
     wide = generate_slide(tmp_path / "wide.tif", SyntheticSlideSpec(1536, 768, mpp=2.0, seed=5,
                                                                       label=0))
@@ -219,3 +220,40 @@ def test_dataset_renders_layer1_letterboxed(tmp_path, cohort_csv):
         first = dataset[0]["images"][0]
         assert first.dtype.is_floating_point is False and first.shape == (3, 56, 56)
         assert len(pool._open) == 1  # LRU of one slide
+
+
+def test_write_cohort_round_trips_through_read_cohort(tmp_path, cohort_csv):
+    import json
+
+    from napari_magnet.engine.cohort import write_cohort
+
+    rows = [
+        {"path": "a.tif", "label": 1, "lesion_class": "micro",
+         "lesion_boxes": [(10, 20, 30.5, 40), np.array([1.0, 2.0, 3.0, 4.0])]},
+        {"path": tmp_path / "b.tif", "label": 0, "lesion_class": "negative"},
+        {"path": "c.tif", "label": np.int64(1), "lesion_class": "", "lesion_boxes": []},
+    ]
+    csv_path = write_cohort(tmp_path / "sub" / "cohort.csv", rows)
+    assert csv_path == tmp_path / "sub" / "cohort.csv"
+    assert not [p for p in csv_path.parent.iterdir() if p != csv_path]  # no temporary left
+    records = read_cohort(csv_path, check_files=False)
+    assert [r.path for r in records] == [tmp_path / "sub" / "a.tif", tmp_path / "b.tif",
+                                         tmp_path / "sub" / "c.tif"]
+    assert [r.label for r in records] == [1, 0, 1]
+    assert [r.lesion_class for r in records] == ["micro", "negative", "positive"]
+    assert records[0].lesion_boxes == ((10.0, 20.0, 30.5, 40.0), (1.0, 2.0, 3.0, 4.0))
+    assert records[1].lesion_boxes == records[2].lesion_boxes == ()
+    # what read_cohort returns writes back to the same records
+    again = write_cohort(tmp_path / "again.csv", [r.to_dict() for r in records])
+    assert read_cohort(again, check_files=False) == records
+    # the generator's cohort.csv, rewritten from its own rows, is byte for byte the same
+    generated = [dict(r, label=int(r["label"]), lesion_boxes=json.loads(r["lesion_boxes"]))
+                 for r in rows_of(cohort_csv)]
+    copy = write_cohort(tmp_path / "copy.csv", generated)
+    assert copy.read_bytes() == cohort_csv.read_bytes()
+    assert cohort_csv.read_bytes().startswith(b"path,label,lesion_class,lesion_boxes\r\n")
+    with pytest.raises(ValueError, match="label must be 0 or 1"):
+        write_cohort(tmp_path / "bad.csv", [{"path": "x.tif", "label": 2}])
+    with pytest.raises(ValueError, match="unknown lesion_class"):
+        write_cohort(tmp_path / "bad.csv", [{"path": "x.tif", "label": 1, "lesion_class": "big"}])
+    assert not (tmp_path / "bad.csv").exists()

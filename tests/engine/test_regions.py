@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_magnet.engine.regions import RegionReader, child_frames, slide_frame
+from napari_magnet.engine.frames import child_frames, slide_frame
+from napari_magnet.engine.regions import RegionReader
 from napari_magnet.slide import open_slide
 
 

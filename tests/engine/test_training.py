@@ -20,12 +20,13 @@ from PIL import Image
 
 from napari_magnet.cli import main
 from napari_magnet.engine.cohort import SlidePool, read_cohort
+from napari_magnet.engine.frames import chain_frames
 from napari_magnet.engine.training import (STATE_JSON, CosineSchedule, TrainOptions,
-                                           chain_frames, load_training_state, train)
+                                           load_training_state, train)
 from napari_magnet.models.checkpoints import CheckpointError
-from napari_magnet.models.magnet import Dihedral
+from napari_magnet.models.augment import Dihedral
 from napari_magnet.models.registry import load_model
-from napari_magnet.slide.synthetic import SyntheticSlideSpec, generate_slide
+from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 
 from .test_cohort import make_cohort
 
@@ -131,7 +132,8 @@ def test_ats_region_and_patch_reads_follow_the_augmentation(cohort_csv, k, flip)
     """A two-level read at augmented centres shows what the augmented slide shows there."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from napari_magnet.engine.training import _ATSTask, _Batch
+    from napari_magnet.engine.batches import SlideBatch as _Batch
+    from napari_magnet.models.ats import ATSTask as _ATSTask
 
     records = [r for r in read_cohort(cohort_csv) if r.label == 1][:1]
     model = load_model("ats-2level", device="cpu")
@@ -270,7 +272,8 @@ def _letterboxed(reader, frame, visible, size):
 @pytest.mark.parametrize("k,flip", [(0, False), (1, False), (2, True), (3, True)])
 def test_region_reads_follow_the_augmentation(cohort_csv, k, flip):
     """read_hi for an augmented forward shows what the augmented slide shows at the θ chain."""
-    from napari_magnet.engine.training import _Batch, _MagNetTask
+    from napari_magnet.engine.batches import SlideBatch as _Batch
+    from napari_magnet.models.magnet import MagNetTask as _MagNetTask
     from concurrent.futures import ThreadPoolExecutor
 
     records = [r for r in read_cohort(cohort_csv) if r.label == 1][:1]
@@ -313,7 +316,8 @@ def test_validation_forward_matches_magnify(cohort_csv):
 
     from napari_magnet import magnify, open_slide
     from napari_magnet.engine.cohort import SlideDataset
-    from napari_magnet.engine.training import _Batch, _MagNetTask
+    from napari_magnet.engine.batches import SlideBatch as _Batch
+    from napari_magnet.models.magnet import MagNetTask as _MagNetTask
     from napari_magnet.engine.types import MagnifyResult
 
     records = read_cohort(cohort_csv)[:3]

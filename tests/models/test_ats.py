@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_magnet.models import estimators as est
+from napari_magnet.models.ats import estimators as est
 from napari_magnet.models.ats import (
     ATS_CONFIGS,
     ATSConfig,

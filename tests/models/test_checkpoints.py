@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import json
 import pathlib
 import pickle
@@ -26,6 +27,7 @@ from napari_magnet.models.checkpoints import (
     sha256_of,
 )
 from napari_magnet.models.magnet import MAGNET_CONFIGS, MagNet
+from napari_magnet.models.family import Family, register_family, unregister_family
 from napari_magnet.models.registry import load_model, resolve_device
 
 LITE = MAGNET_CONFIGS["magnet3-lite"]
@@ -174,9 +176,13 @@ def test_architecture_mismatch_and_registered_architecture(tmp_path, monkeypatch
         load_state_into(MagNet(LITE), w)
     with pytest.raises(CheckpointError, match="unknown architecture 'tiny-test'"):
         load_checkpoint(w)
-    monkeypatch.setitem(registry._ARCHITECTURES, "tiny-test",
-                        lambda cfg: _Tiny(int(cfg["width"])))
-    loaded = load_checkpoint(w)
+    register_family(Family(architecture="tiny-test", config_class=dict,
+                           build=lambda cfg: _Tiny(int(cfg["width"])), configs={},
+                           magnify=lambda *a: iter(())))
+    try:
+        loaded = load_checkpoint(w)
+    finally:
+        unregister_family("tiny-test")
     assert torch.equal(loaded.lin.weight, tiny.lin.weight)
     assert loaded.model_name == "tiny"
 
@@ -328,16 +334,28 @@ def test_unknown_name_and_demo(tmp_path, monkeypatch):
     assert demo.model_name == "demo" and demo.checkpoint_sha256
 
 
-def test_register_config_and_devices(monkeypatch):
-    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
-    registry.register_config("tiny", lambda: _Tiny(3))
-    assert "tiny" in registry.known_models()
-    m = load_model("tiny", device="cpu")
-    assert m.model_name == "tiny" and m.lin.in_features == 3
-    with pytest.raises(ValueError, match="already registered"):
-        registry.register_config("tiny", lambda: _Tiny(5))
-    with pytest.raises(ValueError, match="reserved"):
-        registry.register_config("demo", lambda: _Tiny(5))
+def _tiny_family(configs):
+    return Family(architecture="tiny-arch", config_class=dict, build=lambda c: _Tiny(3),
+                  configs=configs, magnify=lambda *a: iter(()))
+
+
+def test_register_config_and_devices():
+    register_family(_tiny_family({"tiny": lambda: _Tiny(3)}))
+    try:
+        assert "tiny" in registry.known_models()
+        m = load_model("tiny", device="cpu")
+        assert m.model_name == "tiny" and m.lin.in_features == 3
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(_tiny_family({"tiny": lambda: _Tiny(5)}))
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(replace(_tiny_family({"magnet3": lambda: _Tiny(5)}),
+                                    architecture="other-arch"))
+        with pytest.raises(ValueError, match="reserved"):
+            register_family(replace(_tiny_family({"demo": lambda: _Tiny(5)}),
+                                    architecture="other-arch"))
+    finally:
+        unregister_family("tiny-arch")
+    assert "tiny" not in registry.known_models()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")

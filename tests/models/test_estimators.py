@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from napari_magnet.models import estimators as est
+from napari_magnet.models.ats import estimators as est
 from napari_magnet.models.ats import gumbel_top_k
 
 K, N, D = 5, 3, 2

@@ -31,11 +31,14 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..io.atomic import atomic_path
 
 __all__ = [
     "LESION_CLASSES",
@@ -44,6 +47,7 @@ __all__ = [
     "SlidePool",
     "SlideDataset",
     "read_cohort",
+    "write_cohort",
     "split_cohort",
     "class_counts",
 ]
@@ -243,6 +247,65 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
     return records
 
 
+def write_cohort(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write a cohort CSV that :func:`read_cohort` reads back, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        The CSV to write (its folder is created when missing; an existing file is replaced).
+    rows : iterable of mapping
+        One mapping per slide, with the keys
+
+        * ``path``: the slide, absolute or relative to the CSV's folder (written as given);
+        * ``label``: ``1`` (tumour) or ``0`` (negative);
+        * ``lesion_class`` (optional): one of :data:`LESION_CLASSES`; missing or empty
+          leaves the cell empty (read back as ``negative`` / ``positive``);
+        * ``lesion_boxes`` (optional): level-0 boxes ``[x0, y0, x1, y1]``, written as a JSON
+          list of lists of floats (missing: ``[]``).
+
+        Other keys are ignored, so ``[r.to_dict() for r in read_cohort(...)]`` can be
+        written back.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        If a row has no path, a label other than 0/1 or an unknown lesion class.
+
+    Notes
+    -----
+    The columns are ``path,label,lesion_class,lesion_boxes`` (see the module docstring),
+    written by :class:`csv.DictWriter` in UTF-8 with ``\\r\\n`` line ends.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        slide = os.fspath(row.get("path", ""))
+        if not slide:
+            raise ValueError(f"rows[{i}]: empty path")
+        label = row.get("label")
+        if label not in (0, 1):
+            raise ValueError(f"rows[{i}] ({slide}): label must be 0 or 1, got {label!r}")
+        cls = row.get("lesion_class") or ""
+        if cls and cls not in LESION_CLASSES:
+            raise ValueError(f"rows[{i}] ({slide}): unknown lesion_class {cls!r} (known: "
+                             f"{', '.join(LESION_CLASSES)})")
+        boxes = row.get("lesion_boxes")
+        cell = json.dumps([[float(v) for v in box] for box in (() if boxes is None else boxes)])
+        out.append({"path": slide, "label": int(label), "lesion_class": cls,
+                    "lesion_boxes": cell})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "lesion_class",
+                                                "lesion_boxes"])
+        writer.writeheader()
+        writer.writerows(out)
+    return Path(path)
+
+
 def class_counts(records: Sequence[SlideRecord]) -> dict[str, int]:
     """``{lesion_class: count}`` in :data:`LESION_CLASSES` order (classes present only)."""
     counts = {c: 0 for c in LESION_CLASSES}
@@ -389,7 +452,7 @@ class SlideDataset:
     """Layer-1 inputs of each slide: the whole slide letterboxed into a square at each size.
 
     ``dataset[i]`` is ``{"images": [uint8 (3, s, s) tensor per size], "label": float tensor,
-    "index": i}``. It follows the framing of :func:`~.regions.slide_frame` (the square around
+    "index": i}``. It follows the framing of :func:`~.frames.slide_frame` (the square around
     the slide, black outside it), exactly what ``magnify`` feeds layer 1.
 
     Parameters
@@ -412,7 +475,7 @@ class SlideDataset:
     def __getitem__(self, index: int) -> dict:
         import torch
 
-        from .regions import slide_frame
+        from .frames import slide_frame
 
         record = self.records[index]
         slide, reader = self.pool.get(record.path)

@@ -56,55 +56,6 @@ class RegionBatch:
         return tensor.float().div_(255.0)
 
 
-def slide_frame(slide: Slide) -> tuple[np.ndarray, np.ndarray]:
-    """Layer 1's region: the square frame centred on the slide, and the slide as visible box."""
-    width, height = slide.dimensions
-    side = float(max(width, height))
-    cx, cy = width / 2.0, height / 2.0
-    frame = np.array([[cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]])
-    visible = np.array([[0.0, 0.0, float(width), float(height)]])
-    return frame, visible
-
-
-def child_frames(frames: np.ndarray, visible: np.ndarray,
-                 theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map each parent's frame through its θs (``align_corners=False`` convention).
-
-    Parameters
-    ----------
-    frames, visible : np.ndarray
-        ``(N, 4)`` parent frames and visible boxes.
-    theta : np.ndarray
-        ``(N, P, 2, 3)`` affine maps ``[[s, 0, t_x], [0, s, t_y]]`` from a child's normalised
-        coordinates to its parent's (input-major: child ``n * P + p``).
-
-    Returns
-    -------
-    (np.ndarray, np.ndarray)
-        ``(N * P, 4)`` child frames and child visible boxes (frames clipped to the parent's
-        visible box; a child that misses it entirely gets an empty box at the nearest edge).
-    """
-    n, p = theta.shape[:2]
-    centre = (frames[:, :2] + frames[:, 2:]) / 2.0
-    half = (frames[:, 2:] - frames[:, :2]) / 2.0
-    sx, sy = theta[..., 0, 0], theta[..., 1, 1]
-    tx, ty = theta[..., 0, 2], theta[..., 1, 2]
-    ccx = centre[:, None, 0] + tx * half[:, None, 0]
-    ccy = centre[:, None, 1] + ty * half[:, None, 1]
-    hx, hy = sx * half[:, None, 0], sy * half[:, None, 1]
-    child = np.stack([ccx - hx, ccy - hy, ccx + hx, ccy + hy], axis=-1).reshape(n * p, 4)
-    return child, clip_boxes(child, np.repeat(visible, p, axis=0))
-
-
-def clip_boxes(boxes: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """Clip ``(N, 4)`` boxes to ``visible`` (one ``(4,)`` box or ``(N, 4)``); a box that misses
-    it entirely becomes an empty box at the nearest edge."""
-    visible = np.broadcast_to(np.asarray(visible, dtype=np.float64), boxes.shape)
-    lo = np.minimum(np.maximum(boxes[:, :2], visible[:, :2]), visible[:, 2:])
-    hi = np.maximum(np.minimum(boxes[:, 2:], visible[:, 2:]), lo)
-    return np.concatenate([lo, hi], axis=1)
-
-
 class RegionReader:
     """Renders level-0 regions at a model's input size from the right pyramid level.
 

@@ -47,7 +47,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,19 +55,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cohort import (SlideDataset, SlidePool, SlideRecord, class_counts, read_cohort,
                      split_cohort)
 from .evaluation import accuracy, auroc
-from .regions import clip_boxes
+from .batches import SlideBatch, amp_dtype
 
 __all__ = [
     "STATE_FORMAT",
     "TrainOptions",
     "TrainResult",
     "CosineSchedule",
-    "chain_frames",
     "export_model",
     "load_training_state",
     "plot_learning_curve",
@@ -79,8 +77,6 @@ __all__ = [
 STATE_FORMAT = "napari-magnet-training-state/1"
 STATE_JSON = "train_state.json"
 STATE_DIR = "train_state"
-PAPER_MAGNET_LR = 3e-5
-ATS_LR = 1e-3
 #: Environment variable: MB of memory a training run may spend keeping its slides open across
 #: epochs (default: a quarter of the machine's memory, at most 12 GiB).
 TRAIN_CACHE_ENV = "NAPARI_MAGNET_TRAIN_CACHE_MB"
@@ -185,38 +181,6 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
-def chain_frames(frame1: np.ndarray, centres: np.ndarray, half: np.ndarray) -> np.ndarray:
-    """Level-0 square frames of patches given in layer 1's normalized frame.
-
-    Parameters
-    ----------
-    frame1 : np.ndarray
-        ``(4,)`` layer 1's square frame ``(X0, Y0, X0 + W, Y0 + W)``.
-    centres : np.ndarray
-        ``(N, 2)`` patch centres ``(T_x, T_y)`` in layer 1's normalized coordinates
-        (``align_corners=False``: ±1 are the frame's edges, as in ``child_frames``).
-    half : np.ndarray
-        ``(N,)`` half-sides ``S`` in the same units.
-
-    Returns
-    -------
-    np.ndarray
-        ``(N, 4)`` boxes ``X0 + W (T − S + 1) / 2 … X0 + W (T + S + 1) / 2``.
-    """
-    x0, y0 = float(frame1[0]), float(frame1[1])
-    w = float(frame1[2] - frame1[0])
-    lo = (centres - half[:, None] + 1.0) / 2.0 * w
-    hi = (centres + half[:, None] + 1.0) / 2.0 * w
-    return np.stack([x0 + lo[:, 0], y0 + lo[:, 1], x0 + hi[:, 0], y0 + hi[:, 1]], axis=1)
-
-
-def _uint8_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device, non_blocking=True).float().div_(255.0)
-
-
 # ----------------------------------------------------------------------------- schedule
 
 
@@ -273,13 +237,6 @@ class CosineSchedule:
 # ----------------------------------------------------------------------------- tasks
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """Mixed-precision type on ``device``: bfloat16 where the GPU supports it, else float16."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, keys)]))
 
@@ -290,255 +247,14 @@ def _torch_generator(seed: int, *keys: int, device: torch.device | str = "cpu"
     return torch.Generator(device=device).manual_seed(value)
 
 
-class _Batch:
-    """The slides of one step: records, open readers, layer-1 frames and augmentation ops."""
-
-    def __init__(self, records: list[SlideRecord], pool: SlidePool, ops: list | None,
-                 reader_pool: ThreadPoolExecutor) -> None:
-        from .regions import slide_frame
-
-        self.records = records
-        self.entries = [pool.get(r.path) for r in records]
-        frames, visibles = zip(*(slide_frame(slide) for slide, _ in self.entries))
-        self.frames = np.concatenate(frames)
-        self.visible = np.concatenate(visibles)
-        self.ops = ops
-        self.reader_pool = reader_pool
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def read(self, per_slide: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """Run ``per_slide(b)`` for every slide in parallel and concatenate (batch-major)."""
-        parts = list(self.reader_pool.map(per_slide, range(len(self.records))))
-        return torch.cat(parts, dim=0)
-
-
-class _MagNetTask:
-    """Forward, loss and optimizers of a MagNet."""
-
-    architecture = "magnet"
-
-    def __init__(self, model, options: TrainOptions, device: torch.device) -> None:
-        self.model = model
-        self.device = device
-        cfg = model.config
-        self.sizes = (cfg.input_size, model.hi_size(1))
-        lr = PAPER_MAGNET_LR if options.lr is None else float(options.lr)
-        self.optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=lr)}
-        self.schedule_enabled = True
-        self.parts = ("classification", "aux", "paradoxical")
-
-    def default_batch_size(self) -> int:
-        return 16 if self.model.num_layers <= 3 else 8
-
-    def _read_hi(self, batch: _Batch):
-        model = self.model
-
-        def read_hi(layer: int, chain: torch.Tensor) -> torch.Tensor:
-            chain = chain.detach().float().cpu()
-            n = chain.shape[0] // len(batch)
-            size = model.hi_size(layer)
-
-            def one(b: int) -> torch.Tensor:
-                rows = chain[b * n:(b + 1) * n]
-                op = batch.ops[b] if batch.ops else None
-                orig = op.to_original(rows) if op is not None else rows
-                frames = chain_frames(batch.frames[b], orig[:, :, 2].numpy().astype(np.float64),
-                                      rows[:, 0, 0].abs().numpy().astype(np.float64))
-                visible = clip_boxes(frames, batch.visible[b])
-                t = batch.entries[b][1].read(frames, size, visible, device=self.device).pixels
-                return op.apply(t) if op is not None else t
-
-            return _uint8_to_float(batch.read(one), self.device)
-
-        return read_hi
-
-    def _inputs(self, images: list[torch.Tensor], batch: _Batch):
-        lo, hi = (_uint8_to_float(x, self.device) for x in images)
-        if batch.ops:
-            lo = torch.stack([op.apply(x) for op, x in zip(batch.ops, lo)])
-            hi = torch.stack([op.apply(x) for op, x in zip(batch.ops, hi)])
-        return lo, hi
-
-    def loss(self, images, labels, batch: _Batch, epoch_gen, amp: bool):
-        lo, hi = self._inputs(images, batch)
-        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
-                            enabled=amp):
-            out = self.model(lo, hi, self._read_hi(batch))
-        loss, parts = self.model.loss(out, labels)
-        return loss, {k: parts[k] for k in self.parts}, out.probability.detach().float().cpu()
-
-    def backward_step(self, loss, scaler, schedule) -> None:
-        opt = self.optimizers["adam"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        schedule.step()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class _ATSTask:
-    """Forward, loss and optimizers of an attention-sampling model (expectation or REINFORCE)."""
-
-    architecture = "ats"
-
-    def __init__(self, model, options: TrainOptions, device: torch.device) -> None:
-        from ..models.estimators import EMABaseline, make_attention_optimizer
-
-        if options.ats_learning not in ("expectation", "reinforce"):
-            raise ValueError(f"ats_learning must be 'expectation' or 'reinforce', got "
-                             f"{options.ats_learning!r}")
-        self.model = model
-        self.device = device
-        self.cfg = model.config
-        self.sizes = (self.cfg.view_size,)
-        self.mode = options.ats_learning
-        lr = ATS_LR if options.lr is None else float(options.lr)
-        self.optimizers = {
-            "attention": make_attention_optimizer(model.attention_parameters(), lr=lr),
-            "classifier": torch.optim.Adam(model.classifier_parameters(), lr=lr),
-        }
-        self.schedule_enabled = False
-        self.entropy_weight = float(options.entropy_weight)
-        self.baseline = EMABaseline(0.9)
-        self.parts = ("classification", "attention")
-
-    def default_batch_size(self) -> int:
-        return 8
-
-    @staticmethod
-    def _mask_outside(att: torch.Tensor, batch: _Batch, parents: list[np.ndarray]) -> torch.Tensor:
-        """Zero and renormalise attention outside the slide; ``parents[b]`` are the level-0
-        frames (in the slide's own orientation) slide ``b``'s maps cover, one per map."""
-        from .attention import restrict_to_visible
-
-        h, w = att.shape[-2:]
-        masks = []
-        for b in range(len(batch)):
-            op = batch.ops[b] if batch.ops else None
-            for frame in parents[b]:
-                ones = torch.ones(1, h, w, device=att.device, dtype=torch.float32)
-                inside = (restrict_to_visible(ones, frame, batch.visible[b]) > 0).float()
-                masks.append(op.apply(inside) if op is not None else inside)
-        masked = att * torch.cat(masks).to(att.dtype)
-        return masked / masked.sum(dim=(-2, -1), keepdim=True)
-
-    @staticmethod
-    def _child_frames(batch: _Batch, parents: list[np.ndarray], centres: torch.Tensor,
-                      side: float) -> list[np.ndarray]:
-        """Level-0 frames of ``side`` around ``centres (B, n_parents, k, 2)``, normalised to
-        (augmented) parent frames, for every slide: ``(n_parents * k, 4)`` each, parent-major."""
-        from .attention import patch_frames
-
-        c = centres.detach().float().cpu()
-        out = []
-        for b in range(len(batch)):
-            op = batch.ops[b] if batch.ops else None
-            frames = []
-            for i, parent in enumerate(parents[b]):
-                pts = c[b, i]
-                if op is not None:  # augmented coords → the slide's own
-                    pts = (op.matrix() @ (pts * 2 - 1).T).T.add(1).div(2)
-                frames.append(patch_frames(parent, pts.numpy().astype(np.float64), side))
-            out.append(np.concatenate(frames))
-        return out
-
-    def _read(self, batch: _Batch, frames: list[np.ndarray], size: int) -> torch.Tensor:
-        def one(b: int) -> torch.Tensor:
-            op = batch.ops[b] if batch.ops else None
-            visible = np.repeat(batch.visible[b:b + 1], len(frames[b]), axis=0)
-            t = batch.entries[b][1].read(frames[b], size, visible, device=self.device).pixels
-            return op.apply(t) if op is not None else t
-
-        return _uint8_to_float(batch.read(one), self.device)
-
-    def loss(self, images, labels, batch: _Batch, generator, amp: bool):
-        from ..models.estimators import draw_log_probs, reinforce_attention_loss
-
-        model, cfg = self.model, self.cfg
-        view = _uint8_to_float(images[0], self.device)
-        if batch.ops:
-            view = torch.stack([op.apply(x) for op, x in zip(batch.ops, view)])
-        target = labels.to(self.device).long()
-        slide_frames = [batch.frames[b:b + 1] for b in range(len(batch))]
-        grad = self.mode == "expectation"
-        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
-                            enabled=amp):
-            att = self._mask_outside(model.attention(view), batch, slide_frames)
-            first = cfg.n_regions if cfg.two_level else cfg.n_patches
-            indices, sampled = model.sample(att, first, cfg.replace, generator)
-            centres = model.positions_to_centres(indices, att.shape[-2:], view.shape[-2:])
-            log_q = draw_log_probs(sampled.float(), cfg.replace)
-            maps = att.float()
-            if not cfg.two_level:
-                frames = self._child_frames(batch, slide_frames, centres[:, None], cfg.patch_side)
-                patches = self._read(batch, frames, cfg.patch_size)
-                logits, _ = model.classify(patches, att, indices, replace=cfg.replace,
-                                           attention_grad=grad)
-            else:
-                regions = self._child_frames(batch, slide_frames, centres[:, None],
-                                             cfg.region_side)
-                region_att = self._mask_outside(
-                    model.region_attention(self._read(batch, regions, cfg.region_size)),
-                    batch, regions)
-                region_idx, region_sampled = model.sample(region_att, cfg.n_patches,
-                                                          cfg.replace, generator)
-                sub = model.positions_to_centres(region_idx, region_att.shape[-2:])
-                frames = self._child_frames(batch, regions,
-                                            sub.reshape(len(batch), cfg.n_regions, -1, 2),
-                                            cfg.patch_side)
-                patches = self._read(batch, frames, cfg.patch_size)
-                logits, _ = model.classify_two_level(patches, att, indices, region_att,
-                                                     region_idx, replace=cfg.replace,
-                                                     attention_grad=grad)
-                log_q = torch.cat([log_q, draw_log_probs(region_sampled.float(), cfg.replace)
-                                   .reshape(len(batch), -1)], dim=1)
-                maps = torch.cat([maps.flatten(1), region_att.float()
-                                  .reshape(len(batch), -1) / cfg.n_regions], dim=1)
-        ce = F.cross_entropy(logits.float(), target)
-        att_loss = torch.zeros((), device=ce.device)
-        if self.mode == "reinforce" and model.training:
-            with torch.no_grad():
-                reward = -F.cross_entropy(logits.float(), target, reduction="none")
-            b = float(self.baseline) if self.baseline.value is not None \
-                else float(reward.mean())
-            att_loss = reinforce_attention_loss(log_q, reward, b, maps, self.entropy_weight)
-            self.baseline.update(reward)
-        prob = torch.softmax(logits.detach().float(), dim=1)[:, -1].cpu()
-        return ce + att_loss, {"classification": float(ce.detach()),
-                               "attention": float(att_loss.detach())}, prob
-
-    def backward_step(self, loss, scaler, schedule) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for opt in self.optimizers.values():
-            scaler.step(opt)
-        scaler.update()
-        schedule.step()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"reinforce_baseline": self.baseline.value}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        value = state.get("reinforce_baseline")
-        self.baseline.value = None if value is None else float(value)
-
-
 def _make_task(model, options: TrainOptions, device: torch.device):
-    arch = getattr(model, "architecture", None)
-    if arch == "magnet":
-        return _MagNetTask(model, options, device)
-    if arch == "ats":
-        return _ATSTask(model, options, device)
-    raise ValueError(f"cannot train a model of architecture {arch!r}")
+    from ..models.family import family_of
+
+    family = family_of(model)
+    if family.training_task is None:
+        raise ValueError(f"models of the {family.architecture!r} family cannot be trained "
+                         f"from slides")
+    return family.training_task(model, options, device)
 
 
 # ----------------------------------------------------------------------------- state I/O
@@ -912,7 +628,7 @@ def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequen
                batch_size: int, options: TrainOptions, pool: SlidePool,
                reader_pool: ThreadPoolExecutor, *, train: bool, epoch: int, amp: bool,
                scaler=None, schedule: CosineSchedule | None = None, desc: str = ""):
-    from ..models.magnet import Dihedral
+    from ..models.augment import Dihedral
 
     model = task.model
     model.train(train)
@@ -941,7 +657,7 @@ def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequen
             recs = [records[i] for i in idx]
             ops = ([Dihedral.random(aug_gen) for _ in recs]
                    if train and options.augment else None)
-            batch = _Batch(recs, pool, ops, reader_pool)
+            batch = SlideBatch(recs, pool, ops, reader_pool)
             label = data["label"].float()
             if train:
                 loss, parts, prob = task.loss(data["images"], label.to(task.device), batch,

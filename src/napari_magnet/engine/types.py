@@ -74,3 +74,26 @@ class MagnifyResult:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MagnifyOptions:
+    """How a family's run behaves (what :func:`~napari_magnet.engine.magnify.magnify` was
+    asked besides the slide, the model and the start region).
+
+    Attributes
+    ----------
+    keep_patches : bool
+        Attach the images each step's regions were rendered as to the steps.
+    seed : int
+        Seed of families that sample; a fixed seed makes runs repeatable.
+    n_patches : int or None
+        Override of the patches drawn, for families with ``adjustable_patches``.
+    aux_heads : bool
+        Compute per-layer auxiliary predictions where a family has them.
+    """
+
+    keep_patches: bool = False
+    seed: int = 0
+    n_patches: int | None = None
+    aux_heads: bool = True

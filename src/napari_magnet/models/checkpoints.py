@@ -8,7 +8,7 @@ The JSON sidecar::
 
     {
       "format": "napari-magnet-checkpoint/1",
-      "architecture": "magnet",            # or "ats", … (registry.register_architecture)
+      "architecture": "magnet",            # or "ats", … (a registered model family)
       "model_name": "magnet3",
       "config": {...},                      # the architecture's config dict
       "config_hash": "<sha256 of the canonical JSON of config>",
@@ -23,7 +23,7 @@ weights file separated from its JSON can still be told apart.
 
 A model that can be saved exposes ``architecture`` (str) and ``config`` with ``to_dict()``
 (JSON-ready) — :class:`~napari_magnet.models.magnet.MagNet` does; so must any architecture
-registered with :func:`~napari_magnet.models.registry.register_architecture`.
+registered with :func:`~napari_magnet.models.family.register_family`.
 
 Every failure raises :class:`CheckpointError` (a ``ValueError``) naming the file and the problem.
 """
@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .family import get_family
 
 __all__ = [
     "FORMAT",
@@ -366,11 +368,9 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
     The model is on ``device``, in eval mode, with ``model_name`` and ``checkpoint_sha256``.
     """
-    from .registry import build_architecture  # late: the registry imports this module
-
     ck = read_checkpoint(path)
     try:
-        model = build_architecture(ck.architecture, ck.config)
+        model = get_family(ck.architecture).build(ck.config)
     except KeyError:
         raise CheckpointError(f"{ck.json_path}: unknown architecture {ck.architecture!r}") from None
     except (TypeError, ValueError) as exc:

@@ -1,18 +1,10 @@
-"""Named models and architectures: ``load_model("magnet3")``, ``load_model("run.safetensors")``.
+"""Named models and checkpoints: ``load_model("magnet3")``, ``load_model("run.safetensors")``.
 
-Two small registries:
-
-* **architectures** — ``name -> factory(config_dict) -> nn.Module``: how to rebuild a model from
-  the ``config`` stored in a checkpoint's JSON (``"magnet"`` is built in). Register with
-  :func:`register_architecture`.
-* **configs** — ``name -> factory() -> nn.Module``: named, randomly initialised models
-  (``"magnet3"``, ``"magnet4"``, ``"magnet3-lite"`` built in). :func:`load_model` calls the factory
-  under a fixed torch seed (in a forked RNG, so the caller's RNG state is untouched), so two
-  loads give identical weights. Register with :func:`register_config`.
-
-Other model families (attention sampling) register themselves when their module is imported;
-the modules listed in ``_PLUGIN_MODULES`` are imported on the first registry lookup, so
-``load_model("ats")`` works without importing them by hand. A model to be saved/loaded exposes
+What a name or a checkpoint's ``architecture`` means is the business of the model families
+(:mod:`napari_magnet.models.family`): each registers its architecture, its config builder and
+its named configurations (``"magnet3"``, ``"ats-p50-n5"`` …). :func:`load_model` runs a named
+configuration's factory under a fixed torch seed (in a forked RNG, so the caller's RNG state
+is untouched), so two loads give identical weights. A model to be saved/loaded exposes
 ``architecture`` (str) and ``config.to_dict()`` (see :mod:`.checkpoints`).
 
 ``"demo"`` is the checkpoint shipped at ``napari_magnet/weights/demo.safetensors`` (+ ``.json``).
@@ -20,7 +12,7 @@ the modules listed in ``_PLUGIN_MODULES`` are imported on the first registry loo
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,84 +21,41 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, load_checkpoint, load_state_into, read_checkpoint
-from .magnet import MAGNET_CONFIGS, MagNet, MagNetConfig
+from .checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, \
+    load_state_into, read_checkpoint
+from .family import Family, families, get_family, named_config
 
 __all__ = [
     "DEFAULT_SEED",
     "DEMO_CHECKPOINT",
     "build_architecture",
+    "family_of_spec",
     "known_architectures",
     "known_models",
+    "listed_models",
     "load_model",
-    "register_architecture",
-    "register_config",
     "resolve_device",
 ]
 
-ArchitectureFactory = Callable[[Mapping[str, Any]], nn.Module]
-ConfigFactory = Callable[[], nn.Module]
-
 DEFAULT_SEED = 0
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "demo.safetensors"
-_PLUGIN_MODULES = ("napari_magnet.models.ats",)
-
-_ARCHITECTURES: dict[str, ArchitectureFactory] = {}
-_CONFIGS: dict[str, ConfigFactory] = {}
-_plugins_loaded = False
-
-
-def register_architecture(name: str, factory: ArchitectureFactory, *,
-                          overwrite: bool = False) -> None:
-    """Register ``factory(config_dict) -> nn.Module`` for checkpoints of architecture ``name``.
-
-    The factory must raise ``ValueError``/``TypeError`` for a config it cannot build.
-    Re-registering a name needs ``overwrite=True`` (the same factory again is a no-op).
-    """
-    if not name or not isinstance(name, str):
-        raise ValueError("architecture name must be a non-empty string")
-    if name in _ARCHITECTURES and _ARCHITECTURES[name] is not factory and not overwrite:
-        raise ValueError(f"architecture {name!r} is already registered")
-    _ARCHITECTURES[name] = factory
-
-
-def register_config(name: str, factory: ConfigFactory, *, overwrite: bool = False) -> None:
-    """Register a named model: ``factory() -> nn.Module`` with random init.
-
-    :func:`load_model` runs the factory under a fixed seed. ``"demo"`` is reserved.
-    """
-    if not name or not isinstance(name, str):
-        raise ValueError("model name must be a non-empty string")
-    if name == "demo":
-        raise ValueError("'demo' is reserved for the shipped checkpoint")
-    if name in _CONFIGS and _CONFIGS[name] is not factory and not overwrite:
-        raise ValueError(f"model {name!r} is already registered")
-    _CONFIGS[name] = factory
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:  # the module exists but one of its imports is missing
-                raise
 
 
 def known_models() -> list[str]:
     """Names :func:`load_model` accepts (besides checkpoint paths)."""
-    _load_plugins()
-    return sorted(_CONFIGS) + ["demo"]
+    return sorted(name for family in families() for name in family.configs) + ["demo"]
+
+
+def listed_models() -> list[str]:
+    """Model names in the order a user is offered them: ``"demo"`` first when it is shipped,
+    then each family's named configurations in family order."""
+    names = [name for family in families() for name in family.configs]
+    return (["demo"] if DEMO_CHECKPOINT.is_file() else []) + names
 
 
 def known_architectures() -> list[str]:
-    """Architecture names checkpoints may declare."""
-    _load_plugins()
-    return sorted(_ARCHITECTURES)
+    """Architecture names checkpoints may declare (one per registered family)."""
+    return sorted(family.architecture for family in families())
 
 
 def build_architecture(name: str, config: Mapping[str, Any]) -> nn.Module:
@@ -114,10 +63,23 @@ def build_architecture(name: str, config: Mapping[str, Any]) -> nn.Module:
 
     Raises ``KeyError`` for an unknown architecture.
     """
-    _load_plugins()
-    if name not in _ARCHITECTURES:
-        raise KeyError(name)
-    return _ARCHITECTURES[name](config)
+    return get_family(name).build(config)
+
+
+def family_of_spec(spec: str | os.PathLike) -> Family | None:
+    """The family of what :func:`load_model` would load for ``spec`` — a registered name,
+    ``"demo"`` or a checkpoint path — read from the checkpoint's JSON without loading
+    weights; ``None`` when it is unknown or unreadable."""
+    key = os.fspath(spec)
+    found = named_config(key)
+    if found is not None:
+        return found[0]
+    path = str(DEMO_CHECKPOINT) if key == "demo" else key
+    try:
+        meta = json.loads(checkpoint_paths(path)[1].read_text(encoding="utf-8"))
+        return get_family(str(meta.get("architecture")))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -137,7 +99,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def _seeded(factory: ConfigFactory, seed: int) -> nn.Module:
+def _seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -182,10 +144,10 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
         Any checkpoint problem, including a ``"demo"`` that has not been shipped.
     """
     dev = resolve_device(device)
-    _load_plugins()
     key = os.fspath(name_or_path)
-    if isinstance(name_or_path, str) and key in _CONFIGS:
-        model = _seeded(_CONFIGS[key], seed)
+    found = named_config(key) if isinstance(name_or_path, str) else None
+    if found is not None:
+        model = _seeded(found[1], seed)
         model.model_name = key
         model.checkpoint_sha256 = ""
         if weights is not None:
@@ -207,13 +169,3 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
         return load_checkpoint(key, device=dev)
     raise ValueError(f"unknown model {key!r}; known models: {', '.join(known_models())}, "
                      f"or a path to a .safetensors/.json checkpoint")
-
-
-def _magnet_from_dict(config: Mapping[str, Any]) -> nn.Module:
-    return MagNet(MagNetConfig.from_dict(config))
-
-
-register_architecture("magnet", _magnet_from_dict)
-for _name, _cfg in MAGNET_CONFIGS.items():
-    register_config(_name, (lambda c=_cfg: MagNet(c)))
-del _name, _cfg

@@ -1,4 +1,4 @@
-"""Whole-slide image access: open, geometry, lazy pyramid, synthetic slides.
+"""Whole-slide image access: open, geometry, lazy pyramid, the plugin's sample slides.
 
 Imports neither torch nor napari.
 """

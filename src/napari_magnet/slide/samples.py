@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .synthetic import SyntheticSlideSpec, generate_slide
+from ..synth import SyntheticSlideSpec, generate_slide
 
 SAMPLES = {
     "small": SyntheticSlideSpec(width=12_288, height=9_216, mpp=0.5, seed=7, label=1,

@@ -1,207 +1,20 @@
-"""Attention sampling (Katharopoulos & Fleuret, ICML 2019; the lymphoma talk 2023) — DESIGN §5.
-
-A small attention network looks at a downscaled *view* of the slide and produces a probability
-distribution over its positions; ``N`` positions are sampled from it, each is read as a
-high-resolution patch from the pyramid, a feature network embeds every patch, and the
-attention-weighted mean of the features (estimated from the samples, see
-:mod:`napari_magnet.models.estimators`) is classified.
-
-Shapes and coordinates (the contract with the engine)
------------------------------------------------------
-``view``
-    ``(B, 3, h, w)`` float RGB in ``[0, 1]``: the whole slide (or region) resized, aspect
-    preserved, so that its longer side is ``config.view_size`` (the model accepts any ``h, w``).
-``attention``
-    ``(B, h', w')`` probabilities summing to 1 over all positions. The convolutions are padded
-    ("same"), so ``(h', w') == (h, w)``: attention position ``(r, c)`` is view pixel ``(r, c)``.
-``indices``
-    ``(B, n)`` int64 flat positions ``r * w' + c`` **in sampling order** (first drawn first).
-``centres``
-    ``(B, n, 2)`` patch centres as ``(x, y)`` in view-normalised coordinates ``[0, 1]``:
-    ``x = (c + 0.5) / w'``, ``y = (r + 0.5) / h'`` — the centre of the view pixel (the attention
-    grid spans the view uniformly). The engine maps ``(x, y)`` to level 0 by multiplying with the
-    level-0 width/height of the area the view shows (plus its level-0 offset).
-``read_patches(centres) -> patches``
-    Engine-supplied: ``(B * n, 3, P, P)`` float RGB in ``[0, 1]``, batch-major (row
-    ``b * n + i`` is draw ``i`` of slide ``b``), each centred on its centre and read at
-    ``config.patch_level_scale`` level-0 pixels per patch pixel, i.e. covering
-    ``P * patch_level_scale`` level-0 pixels (4.0 ≈ 10× objective for a 40× scan). The engine
-    picks the pyramid level and resamples; out-of-slide parts are padded (white or black — the
-    model does not care as long as training and inference agree).
-``logits``
-    ``(B, n_classes)``; ``probabilities`` are their softmax.
-
-Two levels (``config.two_level``): the view's attention picks ``N1`` *regions* (read at
-``region_size`` pixels, ``region_level_scale`` level-0 pixels each); a second attention network
-looks at every region and ``N2 = n_patches`` patches are drawn inside each, with centres
-region-normalised the same way. See :meth:`AttentionSampling.classify_two_level`.
-
-Imports torch (and the estimators) only.
-"""
+"""The attention-sampling module: attention and feature networks, sampling, the estimator."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ATS_CONFIGS, ATSConfig
 from .estimators import draw_log_probs, expectation
 
-__all__ = [
-    "ATSConfig",
-    "ATS_CONFIGS",
-    "ATSOutput",
-    "AttentionNet",
-    "FeatureNet",
-    "AttentionSampling",
-    "ats_config",
-    "build_ats",
-    "gumbel_top_k",
-]
-
-
-@dataclass(frozen=True)
-class ATSConfig:
-    """Hyper-parameters of an attention-sampling model (frozen, hashable, JSON-able).
-
-    Attributes
-    ----------
-    name : str
-        Registry name (``"ats"``, ``"ats-p50-n20"``, …).
-    view_size : int
-        Longer side, in pixels, of the downscaled view fed to the attention network (256: the
-        attention map then has up to 65,536 positions and costs ~0.2 MB of RGB).
-    patch_size : int
-        Side ``P`` of each high-resolution patch, in patch pixels (50 in the talk).
-    n_patches : int
-        Number of sampled positions ``N`` (20 in the talk).
-    replace : bool
-        Sample with replacement (categorical) or without (Gumbel-top-k, sampling order).
-    epsilon : float
-        Mixing weight of the uniform distribution: ``a = (1 − ε) softmax + ε / K``; 0 disables.
-    n_classes : int
-        Number of output classes.
-    feature_dim : int
-        Size of the L2-normalised patch feature.
-    patch_level_scale : float
-        Level-0 pixels per patch pixel (a downsample factor relative to level 0): patches are read
-        at this scale, so a patch covers ``patch_size * patch_level_scale`` level-0 pixels.
-    two_level : bool
-        Sample twice: ``n_regions`` regions from the view's attention, then, inside each region
-        (read at ``region_size`` pixels), attention again and ``n_patches`` patches *per region*.
-        The slide feature is the nested expectation (regions' features are themselves
-        estimates; see :meth:`AttentionSampling.classify_two_level`).
-    n_regions : int
-        Two-level only: regions ``N1`` drawn from the view's attention.
-    region_size : int
-        Two-level only: side, in pixels, of each region as the second attention network sees it.
-    region_level_scale : float
-        Two-level only: level-0 pixels per region pixel; a region covers
-        ``region_size * region_level_scale`` level-0 pixels and must contain a whole patch.
-    """
-
-    name: str = "ats"
-    view_size: int = 256
-    patch_size: int = 50
-    n_patches: int = 20
-    replace: bool = False
-    epsilon: float = 0.0
-    n_classes: int = 2
-    feature_dim: int = 32
-    patch_level_scale: float = 4.0
-    two_level: bool = False
-    n_regions: int = 5
-    region_size: int = 64
-    region_level_scale: float = 16.0
-
-    #: Fields that exist only for the two-level variant; left out of a one-level config's dict
-    #: so that one-level configs (and their checkpoints' hashes) do not depend on them.
-    TWO_LEVEL_FIELDS: ClassVar[tuple[str, ...]] = ("n_regions", "region_size", "region_level_scale")
-
-    def __post_init__(self) -> None:
-        if self.view_size < 1 or self.patch_size < 1 or self.n_patches < 1:
-            raise ValueError("view_size, patch_size and n_patches must be positive")
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError("epsilon must be in [0, 1]")
-        if self.n_classes < 1 or self.feature_dim < 1:
-            raise ValueError("n_classes and feature_dim must be positive")
-        if not self.patch_level_scale > 0:
-            raise ValueError("patch_level_scale must be positive")
-        if self.two_level:
-            if self.n_regions < 1 or self.region_size < 1:
-                raise ValueError("n_regions and region_size must be positive")
-            if not self.region_level_scale > 0:
-                raise ValueError("region_level_scale must be positive")
-            if self.patch_side > self.region_side:
-                raise ValueError(
-                    f"a patch ({self.patch_side:g} level-0 px) must fit inside its region "
-                    f"({self.region_side:g} level-0 px): raise region_size or region_level_scale")
-
-    @property
-    def patch_side(self) -> float:
-        """Level-0 pixels one patch covers."""
-        return self.patch_size * self.patch_level_scale
-
-    @property
-    def region_side(self) -> float:
-        """Level-0 pixels one two-level region covers."""
-        return self.region_size * self.region_level_scale
-
-    @property
-    def total_patches(self) -> int:
-        """Patches the feature network sees per slide (``n_regions * n_patches`` if two-level)."""
-        return self.n_patches * (self.n_regions if self.two_level else 1)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-serialisable dict of the fields (one-level: without the two-level ones)."""
-        d = asdict(self)
-        if not self.two_level:
-            for key in self.TWO_LEVEL_FIELDS:
-                d.pop(key)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ATSConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ATSConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def canonical_json(self) -> str:
-        """Sorted, compact, ASCII JSON of :meth:`to_dict` (what :meth:`config_hash` hashes)."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-    def config_hash(self) -> str:
-        """SHA-256 hex digest of :meth:`canonical_json` (the checkpoints' ``config_hash``)."""
-        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
-
-
-def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -> ATSConfig:
-    """An :class:`ATSConfig` named ``ats-p{P}-n{N}`` unless ``name`` is given."""
-    return ATSConfig(
-        name=name or f"ats-p{patch_size}-n{n_patches}", patch_size=patch_size, n_patches=n_patches, **kw
-    )
-
-
-#: Named configurations for the registry: ``"ats"`` (patch 50, 20 patches), the talk's grid and
-#: ``"ats-2level"`` (5 regions of 1024 level-0 px, 4 patches of 50 px in each: 20 patches).
-ATS_CONFIGS: dict[str, Callable[[], ATSConfig]] = {
-    "ats": lambda: ats_config(50, 20, name="ats"),
-    "ats-2level": lambda: ats_config(50, 4, name="ats-2level", two_level=True, n_regions=5,
-                                     region_size=64, region_level_scale=16.0),
-    "ats-p50-n1": lambda: ats_config(50, 1),
-    "ats-p50-n5": lambda: ats_config(50, 5),
-    "ats-p50-n20": lambda: ats_config(50, 20),
-    "ats-p20-n5": lambda: ats_config(20, 5),
-}
+__all__ = ["ATSOutput", "AttentionNet", "AttentionSampling", "FeatureNet", "build_ats",
+           "gumbel_top_k"]
 
 
 class AttentionNet(nn.Module):
@@ -636,33 +449,3 @@ def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
     else:
         config = name_or_config
     return AttentionSampling(config)
-
-
-# ------------------------------------------------------------------------ registry hook-up
-# The registry imports this module on its first lookup (its ``_PLUGIN_MODULES``); registering
-# here makes ``load_model("ats")`` and checkpoints of architecture "ats" work. ``overwrite=True``
-# keeps a re-import idempotent.
-
-
-def _ats_from_dict(config: dict) -> AttentionSampling:
-    """Architecture factory: checkpoint config dict → untrained model (ValueError if unusable)."""
-    return AttentionSampling(ATSConfig.from_dict(dict(config)))
-
-
-def _named_factory(name: str) -> Callable[[], AttentionSampling]:
-    def factory() -> AttentionSampling:
-        return AttentionSampling(ATS_CONFIGS[name]())
-
-    factory.__name__ = f"build_{name.replace('-', '_')}"
-    return factory
-
-
-def _register() -> None:
-    from . import registry
-
-    registry.register_architecture(AttentionSampling.architecture, _ats_from_dict, overwrite=True)
-    for _name in ATS_CONFIGS:
-        registry.register_config(_name, _named_factory(_name), overwrite=True)
-
-
-_register()

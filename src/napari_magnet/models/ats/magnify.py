@@ -1,4 +1,4 @@
-"""The attention-sampling model through the same ``magnify`` stream (DESIGN §5, §6).
+"""Attention sampling through the ``magnify`` stream (DESIGN §5, §6).
 
 The attention network looks at the region's square frame rendered at ``view_size`` (the same
 black-padded framing MagNet's layer 1 sees); ``N`` positions are sampled from it, and each
@@ -13,17 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .regions import RegionReader, clip_boxes
-from .types import MagnifyResult, MagnifyStep
+from collections.abc import Generator
+from typing import Any
 
+from ...engine.frames import clip_boxes, patch_frames, visible_mask
+from ...engine.types import MagnifyOptions, MagnifyResult, MagnifyStep
 
-def patch_frames(frame: np.ndarray, centres: np.ndarray, side: float) -> np.ndarray:
-    """Square level-0 frames of ``side`` around view-normalised ``centres`` ``(n, 2)``."""
-    size = frame[2] - frame[0]
-    cx = frame[0] + centres[:, 0] * size
-    cy = frame[1] + centres[:, 1] * size
-    half = side / 2.0
-    return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
+__all__ = ["magnify_attention_sampling", "restrict_to_visible"]
 
 
 def restrict_to_visible(attention: torch.Tensor, frame: np.ndarray,
@@ -33,11 +29,7 @@ def restrict_to_visible(attention: torch.Tensor, frame: np.ndarray,
     Patches drawn there would show nothing; the attention network may still put mass there
     before it is trained.
     """
-    h, w = attention.shape[-2:]
-    size = frame[2] - frame[0]
-    xs = frame[0] + (np.arange(w) + 0.5) / w * size
-    ys = frame[1] + (np.arange(h) + 0.5) / h * size
-    inside = ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None]
+    inside = visible_mask(frame, box, tuple(attention.shape[-2:]))
     if not inside.any():
         return attention
     mask = torch.from_numpy(inside).to(attention.device, attention.dtype)
@@ -51,16 +43,17 @@ def _check_draws(attention: torch.Tensor, n: int, replace: bool, what: str) -> N
         raise ValueError(f"cannot draw {n} distinct {what} from {positions} positions")
 
 
-def magnify_attention_sampling(model, reader: RegionReader, frames: np.ndarray,
-                               visible: np.ndarray, dev: torch.device, keep_patches: bool,
-                               seed: int, n_patches: int | None = None):
-    """Generator body of :func:`~napari_magnet.engine.magnify.magnify` for ``ats`` models.
+def magnify_attention_sampling(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
+                               dev: torch.device, options: MagnifyOptions
+                               ) -> Generator[MagnifyStep, None, MagnifyResult]:
+    """The attention-sampling family's run through :func:`~napari_magnet.engine.magnify.magnify`.
 
     One level yields one step (the patches, ids ``1``…``N``). Two-level yields the regions
     drawn from the view's attention (layer 1, ids ``1``…``N1``), then the patches drawn from
     each region's own attention (layer 2, ids ``i.j``, one attention map per region).
     ``n_patches`` overrides the patches drawn (per region when two-level).
     """
+    keep_patches, seed, n_patches = options.keep_patches, options.seed, options.n_patches
     cfg = model.config
     n = cfg.n_patches if n_patches is None else int(n_patches)
     if n < 1:

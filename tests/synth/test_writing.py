@@ -1,8 +1,7 @@
-"""The synthetic slide generator: real pyramidal JPEG TIFFs that OpenSlide opens."""
+"""generate_slide: real pyramidal JPEG TIFFs that OpenSlide opens, with their ground truth."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -12,12 +11,9 @@ import openslide
 import pytest
 import tifffile
 
-from napari_magnet.slide.synthetic import (
-    SIZE_RANGES_MM,
-    Lesion,
+from napari_magnet.synth import (
     SyntheticSlideInfo,
     SyntheticSlideSpec,
-    generate_cohort,
     generate_slide,
     read_ground_truth,
     sidecar_path,
@@ -33,14 +29,6 @@ def micro(tmp_path_factory) -> tuple[SyntheticSlideInfo, list[tuple[int, int]]]:
     spec = SyntheticSlideSpec(W, H, MPP, seed=1, label=1, lesion_kind="micro")
     info = generate_slide(path, spec, progress=lambda done, total: calls.append((done, total)))
     return info, calls
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> tuple[list[SyntheticSlideInfo], object]:
-    # 4.1 x 3.1 mm at 1 µm/px: big enough for a macro lesion, small enough to be quick
-    out = tmp_path_factory.mktemp("cohort")
-    infos = generate_cohort(out, n=6, seed=3, width=4096, height=3072, mpp=1.0)
-    return infos, out
 
 
 def _rgb(slide: openslide.OpenSlide, xy, level, size) -> np.ndarray:
@@ -196,105 +184,6 @@ def test_negative_slide_has_no_tumour(tmp_path):
     assert read_ground_truth(info.path).label == 0
 
 
-def test_cohort_is_balanced_and_sized_like_camelyon(cohort):
-    infos, out = cohort
-    assert [i.label for i in infos].count(1) == 3
-    assert sorted(i.lesion_kind for i in infos if i.label) == ["itc", "macro", "micro"]
-    assert any(les.kind == "distractor" for i in infos if not i.label for les in i.lesions)
-    for info in infos:
-        assert info.path.exists() and read_ground_truth(info.path) == info
-        tumour = info.tumour_lesions
-        assert bool(tumour) == bool(info.label)
-        for les in info.lesions:
-            x0, y0, x1, y1 = les.box
-            assert 0 <= x0 < x1 <= info.width and 0 <= y0 < y1 <= info.height
-        for les in tumour:
-            lo, hi = SIZE_RANGES_MM[les.kind]
-            assert lo < les.size_mm(info.mpp) <= hi, (les, les.size_mm(info.mpp))
-        if tumour:  # the slide's class is its largest tumour lesion
-            largest = max(tumour, key=lambda les: les.size_mm(info.mpp))
-            assert largest.kind == info.lesion_kind
-    with open(out / "cohort.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "label", "lesion_class", "lesion_boxes"]
-    for row, info in zip(rows, infos):
-        assert (out / row["path"]) == info.path
-        assert int(row["label"]) == info.label and row["lesion_class"] == info.lesion_kind
-        assert [tuple(b) for b in json.loads(row["lesion_boxes"])] == [
-            les.box for les in info.tumour_lesions
-        ]
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"width": 32, "height": 4096}, "width"),
-        ({"width": 4096, "height": 2**31}, "height"),
-        ({"width": 4096.5, "height": 4096}, "width"),
-        ({"mpp": 0.0}, "mpp"),
-        ({"mpp": -0.5}, "mpp"),
-        ({"mpp": float("nan")}, "mpp"),
-        ({"lesion_kind": "huge"}, "lesion kind"),
-        ({"lesion_kind": "distractor"}, "lesion kind"),
-        ({"label": 0, "lesion_kind": "macro"}, "contradicts"),
-        ({"label": 1, "lesion_kind": "negative"}, "contradicts"),
-        ({"label": 2}, "label"),
-        ({"seed": -1}, "seed"),
-        ({"tile": 100}, "tile"),
-        ({"quality": 0}, "quality"),
-        ({"width": 1024, "height": 1024, "lesion_kind": "macro"}, "too small"),
-        ({"width": 64, "height": 64, "mpp": 0.25, "label": 1}, "too small"),
-    ],
-)
-def test_spec_validation(kwargs, match):
-    args = {"width": 4096, "height": 4096, "mpp": 0.5} | kwargs
-    with pytest.raises(ValueError, match=match):
-        SyntheticSlideSpec(**args)
-
-
-def test_weighted_positives_in_parallel_give_the_serial_cohort(tmp_path, cohort):
-    """``positives`` weights the classes; ``jobs`` changes nothing but the speed."""
-    kw = dict(n=6, seed=5, width=2048, height=2048, mpp=1.0, positives=["micro", "micro", "itc"])
-    serial = generate_cohort(tmp_path / "serial", **kw)
-    parallel = generate_cohort(tmp_path / "parallel", jobs=2, **kw)
-    kinds = [info.lesion_kind for info in serial]
-    assert sorted(kinds) == ["itc", "micro", "micro", "negative", "negative", "negative"]
-    assert [info.lesion_kind for info in parallel] == kinds
-    for a, b in zip(serial, parallel):
-        assert a.path.read_bytes() == b.path.read_bytes()
-    assert (tmp_path / "serial" / "cohort.csv").read_text() == \
-        (tmp_path / "parallel" / "cohort.csv").read_text()
-    # without positives, a cohort is what it always was: every fitting class in turn
-    infos, _ = cohort
-    assert {"macro", "micro", "itc"} == {i.lesion_kind for i in infos if i.label == 1}
-
-
-def test_other_argument_errors(tmp_path):
-    with pytest.raises(ValueError, match="lesion kind"):
-        Lesion("tumour", (0, 0, 1, 1))
-    with pytest.raises(ValueError, match="x1 > x0"):
-        Lesion("itc", (5, 0, 1, 1))
-    with pytest.raises(ValueError, match="SyntheticSlideSpec"):
-        generate_slide(tmp_path / "x.tif", {"width": 4096})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="n must"):
-        generate_cohort(tmp_path, n=0, seed=0, width=4096, height=4096)
-    with pytest.raises(ValueError, match="mpp"):
-        generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, mpp=0)
-    with pytest.raises(ValueError, match="positives must name"):
-        generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, positives=["tumour"])
-    with pytest.raises(ValueError, match="too small for"):  # 1 mm: no room for a macro lesion
-        generate_cohort(tmp_path, n=2, seed=0, width=1024, height=1024, mpp=1.0,
-                        positives=["macro"])
-    with pytest.raises(ValueError, match="jobs"):
-        generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, jobs=0)
-    assert not list(tmp_path.iterdir())  # nothing written on bad arguments
-    with pytest.raises(FileNotFoundError):
-        read_ground_truth(tmp_path / "missing.tif")
-    (tmp_path / "other.truth.json").write_text('{"hello": 1}')
-    with pytest.raises(ValueError, match="not a napari-magnet"):
-        read_ground_truth(tmp_path / "other.tif")
-
-
 def test_progress_exception_aborts_without_leftovers(tmp_path):
     class Cancelled(Exception):
         pass
@@ -306,15 +195,3 @@ def test_progress_exception_aborts_without_leftovers(tmp_path):
     with pytest.raises(Cancelled):
         generate_slide(tmp_path / "s.tif", SyntheticSlideSpec(2048, 2048, 0.5, seed=5), cancel)
     assert not list(tmp_path.iterdir())
-
-
-def test_imports_neither_torch_nor_napari():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, napari_magnet.slide.synthetic; "
-        "bad = [m for m in ('torch', 'napari', 'qtpy') if m in sys.modules]; "
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
