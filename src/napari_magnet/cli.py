@@ -1,4 +1,4 @@
-"""The ``napari-magnet`` command: demo, info, synth, magnify, train, evaluate.
+"""The ``napari-magnet`` command: demo, info, synth, models, magnify, train, evaluate.
 
 Heavy imports (torch, napari) happen inside the verbs that need them.
 """
@@ -96,6 +96,20 @@ def cmd_magnify(args: argparse.Namespace) -> int:
           f"{result.pixels_processed:,} values processed, {result.pixels_read:,} read; "
           f"{result.seconds:.2f} s")
     print(f"wrote {len(paths)} files into {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.family import families
+    from .models.registry import DEMO_CHECKPOINT
+
+    for family in families():
+        trainable = "trainable" if family.training_task is not None else "inference only"
+        print(f"{family.architecture}: {family.description} ({trainable})")
+        for name in family.configs:
+            print(f"  {name}")
+    if DEMO_CHECKPOINT.is_file():
+        print(f"demo: the shipped checkpoint {DEMO_CHECKPOINT}")
     return 0
 
 
@@ -220,31 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=cmd_synth)
 
+    models = verbs.add_parser("models", help="list the model families and their named models")
+    models.set_defaults(func=cmd_models)
+
     mag = verbs.add_parser("magnify", help="run a model on a slide and export the results")
     mag.add_argument("slide")
-    mag.add_argument("--model", default="magnet3", help="magnet3, magnet4, magnet3-lite, ats, "
-                     "demo, or a checkpoint path")
+    mag.add_argument("--model", default="magnet3", help="a model name ('napari-magnet models' "
+                     "lists them), demo, or a checkpoint path")
     mag.add_argument("--out", required=True, help="output folder")
     mag.add_argument("--device", default="auto", help="auto, cpu or cuda")
     mag.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1 level-0 box")
     mag.add_argument("--rule", choices=("enough", "paper"), default="enough")
     mag.add_argument("--n-patches", type=_positive_int, default=None,
-                     help="patches drawn by an attention-sampling model")
+                     help="patches drawn, for models whose patches are adjustable")
     mag.add_argument("--seed", type=int, default=0)
     mag.add_argument("--no-aux", action="store_true",
-                     help="skip MagNet's auxiliary per-layer predictions (faster)")
+                     help="skip auxiliary per-layer predictions where a model has them (faster)")
     mag.set_defaults(func=cmd_magnify)
 
     tr = verbs.add_parser("train", help="train a model on a cohort CSV of slides")
     tr.add_argument("--slides", required=True, help="cohort CSV: path,label[,lesion_class,"
                     "lesion_boxes] (see README, 'Training on your own slides')")
-    tr.add_argument("--model", default=None, help="magnet3, magnet4, magnet3-lite or ats "
-                    "(required unless resuming)")
+    tr.add_argument("--model", default=None, help="a model name ('napari-magnet models' lists "
+                    "them; required unless resuming)")
     tr.add_argument("--epochs", type=_positive_int, default=10, help="total epochs of the run")
     tr.add_argument("--batch-size", type=_positive_int, default=None,
-                    help="slides per step (default 16 for magnet3, 8 for magnet4 and ats)")
+                    help="slides per step (default: the model family's, e.g. 16 for magnet3)")
     tr.add_argument("--lr", type=float, default=None,
-                    help="learning rate (default 3e-5 for MagNet as in the paper, 1e-3 for ats)")
+                    help="learning rate (default: the model family's, e.g. 3e-5 for MagNet as "
+                         "in the paper)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curve)")
     tr.add_argument("--resume", default=None, help="a run folder (or its train_state.json) "
@@ -270,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ev.add_argument("--out", default=None, help="also write the report (.json or .md)")
     ev.add_argument("--rule", choices=("enough", "paper"), default="enough")
-    ev.add_argument("--seed", type=int, default=0, help="sampling seed (ats)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (models that sample)")
     ev.add_argument("--exclude-classes", type=_classes, default=(),
                     help="comma-separated lesion classes to leave out")
     ev.add_argument("--quiet", action="store_true")
