@@ -12,12 +12,7 @@ from hypothesis import strategies as st
 from napari.utils.notifications import notification_manager
 
 from napari_magnet._napari.layers import layer_info, layer_kind
-from napari_magnet._napari.widget import add_magnify_widget
 from napari_magnet.io.ome import read_attention_ome_tiff
-
-
-
-
 
 
 def ours(viewer, kind):

@@ -127,3 +127,63 @@ def test_mismatched_attention_boxes(tmp_path):
     with pytest.raises(ValueError, match="attention boxes"):
         export_run(tmp_path / "out", "s.tif", None, [step], _result())
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_export_run_with_review_states(tmp_path):
+    steps, result = _steps(), _result()
+    out = tmp_path / "run"
+    states = {"1": ("Tumor", "accepted"), "2.1": ("", "rejected"), "gone": ("Other", "accepted")}
+    written = export_run(out, tmp_path / "slide_007.tif", (0.25, 0.5), steps, result, None,
+                         review_states=states)
+    assert [p.name for p in written][:2] == ["rois.geojson", "annotations.geojson"]
+    doc = json.loads((out / "rois.geojson").read_text())
+    ours = [f["properties"]["napari_magnet"] for f in doc["features"]]
+    assert [o["review"] for o in ours] == ["accepted", "unreviewed", "unreviewed", "rejected"]
+    assert all(o["kind"] == "roi" and o["mpp"] == [0.25, 0.5] for o in ours)
+    assert ours[2] == {"slide": "slide_007.tif", "region_id": "1.1", "parent_id": "1",
+                       "layer": 2, "kind": "roi", "mpp": [0.25, 0.5], "review": "unreviewed"}
+    rois = read_geojson(out / "rois.geojson")
+    assert [a.classification for a in rois] == ["Tumor", None, None, None]
+    assert rois[0].measurements["Probability"] == pytest.approx(0.87)
+    # the same ids as an export without review states: one ROI, one id
+    plain = tmp_path / "plain"
+    export_run(plain, tmp_path / "slide_007.tif", (0.25, 0.25), steps, result)
+    assert [a.id for a in read_geojson(plain / "rois.geojson")] == [a.id for a in rois]
+    assert all("kind" not in a.properties["napari_magnet"]
+               for a in read_geojson(plain / "rois.geojson"))
+
+
+def test_export_run_review_states_without_mpp_and_empty(tmp_path):
+    export_run(tmp_path, "s.tif", None, _steps()[:1], None, review_states={})
+    ours = [f["properties"]["napari_magnet"]
+            for f in json.loads((tmp_path / "rois.geojson").read_text())["features"]]
+    assert all(o["kind"] == "roi" and "mpp" not in o and o["review"] == "unreviewed"
+               for o in ours)
+
+
+def test_export_run_roi_annotations_without_steps(tmp_path):
+    from napari_magnet.io.rois import RoiTable
+
+    # ROIs as the viewer's layers give them (a restored run: no steps)
+    layer_rois = RoiTable.from_steps(_steps(), slide_name="s.tif").to_annotations(
+        mpp=(0.5, 0.5), mark_as_roi=True)
+    layer_rois[1].review = "accepted"
+    written = export_run(tmp_path / "run", "s.tif", (0.5, 0.5), [], None,
+                         review_states={"2.1": ("Normal", "rejected")},
+                         roi_annotations=layer_rois)
+    assert [p.name for p in written] == ["rois.geojson", "annotations.geojson", "result.json"]
+    rois = read_geojson(tmp_path / "run" / "rois.geojson")
+    assert [a.name for a in rois] == ["1", "2", "1.1", "2.1"]
+    assert [a.review for a in rois] == ["unreviewed", "accepted", "unreviewed", "rejected"]
+    assert rois[3].classification == "Normal"
+    assert all(a.properties["napari_magnet"]["kind"] == "roi" for a in rois)
+    assert rois[2].properties["napari_magnet"]["parent_id"] == "1"
+    np.testing.assert_allclose(rois[2].polygon, layer_rois[2].polygon)
+    assert rois[0].measurements == pytest.approx(layer_rois[0].measurements)
+
+
+def test_export_run_bad_review_state_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="review states"):
+        export_run(tmp_path / "out", "s.tif", None, _steps(), _result(),
+                   review_states={"1": ("Tumor", "maybe")})
+    assert not (tmp_path / "out").exists()

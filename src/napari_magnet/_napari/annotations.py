@@ -26,14 +26,12 @@ Autosave
 --------
 :class:`AnnotationAutosaver` writes, 1 s (``delay_ms``) after the last change, the slide's
 annotations *and* the ROIs of its last completed run (with their classes and review states)
-as QuPath GeoJSON (level-0 pixels, via :mod:`..io.geojson`; atomically: temp file +
-``os.replace``), once there is something of the user's to keep — a drawn or imported shape,
-or an ROI classified or reviewed (a Magnify run alone leaves no file next to the slide);
-from then on every change is saved, deletions included. The file is the sidecar ``<slide file>.annotations.geojson`` next to the slide
-(e.g. ``CMU-1.svs.annotations.geojson``), or, when that folder is not writable — including a
-folder whose permission bits forbid writing, which we respect even when running as root —
-``<data dir>/annotations/<sha256(slide path)[:16]>-<slide file>.annotations.geojson`` with
-``<data dir>`` = ``$NAPARI_MAGNET_DATA_DIR`` or ``platformdirs.user_data_dir("napari-magnet")``.
+as QuPath GeoJSON (level-0 pixels, via :mod:`..io.geojson`, ROIs via
+:class:`~napari_magnet.io.rois.RoiTable`; written atomically), once there is something of the
+user's to keep — a drawn or imported shape, or an ROI classified or reviewed (a Magnify run
+alone leaves no file next to the slide); from then on every change is saved, deletions
+included. The file is the sidecar ``<slide file>.annotations.geojson`` next to the slide, or
+a file of the data dir when that folder is not writable (:mod:`..io.autosave_paths`).
 A killed napari loses at most the last ``delay_ms``. :func:`restore_annotations` reads the
 newer of the two files back when the slide is opened again: annotations into the Annotations
 layer, ROIs into "<slide> · L<k> ROIs" layers (without their attention maps), states included.
@@ -44,9 +42,7 @@ reacts to (the file keeps its shapes until the next change of the slide's other 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -56,16 +52,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
-from ..io.geojson import (
+from ..io.annotation import (
     DEFAULT_CLASSES,
     PROPERTIES_KEY,
     REVIEW_STATES,
     Annotation,
     GeoJSONError,
-    load_geojson,
-    write_geojson,
 )
-from ..io.layerdata import annotations_to_shapes, shapes_to_annotations
+from ..io.autosave_paths import (
+    DATA_DIR_ENV,
+    SIDECAR_SUFFIX,
+    data_dir,
+    fallback_path,
+    folder_writable,
+    save_path,
+    saved_path,
+    sidecar_path,
+)
+from ..io.geojson_read import load_geojson
+from ..io.geojson_write import write_geojson
+from ..io.rois import RoiTable
+from ..io.shapes import annotations_to_shapes, shapes_to_annotations
 from .layers import (
     add_roi_layer,
     edge_width_for,
@@ -80,8 +87,6 @@ from .layers import (
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import napari
 
-SIDECAR_SUFFIX = ".annotations.geojson"
-DATA_DIR_ENV = "NAPARI_MAGNET_DATA_DIR"
 DEFAULT_DELAY_MS = 1000
 CLASS_KEYS = tuple(f"Alt-{i}" for i in range(1, 10))
 REVIEW_KEYS = {"Shift-A": "accepted", "Shift-R": "rejected", "Shift-U": "unreviewed"}
@@ -92,73 +97,8 @@ ClassProvider = Callable[[], Sequence[str]]
 
 
 def default_classes() -> list[str]:
+    """QuPath's default class names (Tumor, Normal, Other)."""
     return list(DEFAULT_CLASSES)
-
-
-# --------------------------------------------------------------------------------------------
-# where annotations are saved
-# --------------------------------------------------------------------------------------------
-
-
-def sidecar_path(slide_path: str | os.PathLike) -> Path:
-    """``<slide file>.annotations.geojson`` next to the slide."""
-    p = Path(slide_path)
-    return p.with_name(p.name + SIDECAR_SUFFIX)
-
-
-def data_dir(override: str | os.PathLike | None = None) -> Path:
-    """The fallback folder: ``override``, ``$NAPARI_MAGNET_DATA_DIR``, or the user data dir."""
-    if override is not None:
-        return Path(override)
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("napari-magnet"))
-
-
-def fallback_path(slide_path: str | os.PathLike,
-                  data_dir_override: str | os.PathLike | None = None) -> Path:
-    """The data-dir file of a slide, keyed by a hash of its absolute path."""
-    absolute = os.path.abspath(os.fspath(slide_path))
-    digest = hashlib.sha256(absolute.encode("utf-8")).hexdigest()[:16]
-    return data_dir(data_dir_override) / "annotations" / (
-        f"{digest}-{Path(absolute).name}{SIDECAR_SUFFIX}")
-
-
-def folder_writable(folder: str | os.PathLike) -> bool:
-    """Whether we may create files in ``folder``: it exists, ``os.access`` allows writing, and
-    its permission bits allow someone to write (a folder marked read-only is respected even by
-    root, who could override it)."""
-    try:
-        mode = os.stat(folder).st_mode
-    except OSError:
-        return False
-    if not stat.S_ISDIR(mode) or not (mode & 0o222):
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
-def save_path(slide_path: str | os.PathLike,
-              data_dir_override: str | os.PathLike | None = None) -> Path:
-    """Where the autosave of a slide goes now (sidecar when its folder is writable)."""
-    side = sidecar_path(slide_path)
-    if folder_writable(side.parent) and (not side.exists() or os.access(side, os.W_OK)):
-        return side
-    return fallback_path(slide_path, data_dir_override)
-
-
-def saved_path(slide_path: str | os.PathLike,
-               data_dir_override: str | os.PathLike | None = None) -> Path | None:
-    """The newest existing autosave of a slide (sidecar or data dir), or ``None``."""
-    found = []
-    for p in (sidecar_path(slide_path), fallback_path(slide_path, data_dir_override)):
-        try:
-            found.append((p.stat().st_mtime_ns, p))
-        except OSError:
-            continue
-    return max(found)[1] if found else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,19 +131,57 @@ def _set_column(layer: Any, column: str, value: str, indices: Sequence[int] | No
 
 
 def set_review(layer: Any, state: str, indices: Sequence[int] | None = None) -> int:
-    """Set the review state of shapes (default: the selected ones); returns how many."""
+    """Set the review state of shapes.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An annotations or ROI layer.
+    state : str
+        One of :data:`~napari_magnet.io.annotation.REVIEW_STATES`.
+    indices : sequence of int, optional
+        The shapes (default: the selected ones).
+
+    Returns
+    -------
+    int
+        How many shapes changed.
+    """
     if state not in REVIEW_STATES:
         raise ValueError(f"review state {state!r} not in {REVIEW_STATES}")
     return _set_column(layer, "review", state, indices)
 
 
 def set_class(layer: Any, name: str | None, indices: Sequence[int] | None = None) -> int:
-    """Set the class of shapes (default: the selected ones; ``None``/"" unclassifies)."""
+    """Set the class of shapes.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An annotations or ROI layer.
+    name : str or None
+        The class; ``None`` or ``""`` unclassifies.
+    indices : sequence of int, optional
+        The shapes (default: the selected ones).
+
+    Returns
+    -------
+    int
+        How many shapes changed.
+    """
     return _set_column(layer, "class", str(name or ""), indices)
 
 
 def bind_review_keys(layer: Any, classes: ClassProvider = default_classes) -> None:
-    """Bind ``Shift-A``/``Shift-R``/``Shift-U`` and ``Alt-1`` … ``Alt-9`` on ``layer``."""
+    """Bind ``Shift-A``/``Shift-R``/``Shift-U`` and ``Alt-1`` … ``Alt-9`` on a layer.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        The layer.
+    classes : callable
+        Returns the class names ``Alt-1`` … ``Alt-9`` stand for, when pressed.
+    """
     for key, state in REVIEW_KEYS.items():
         layer.bind_key(key, _review_action(state), overwrite=True)
     for i, key in enumerate(CLASS_KEYS):
@@ -236,10 +214,12 @@ def _class_action(index: int, classes: ClassProvider):
 
 
 def annotations_layer_name(slide_layer: Any) -> str:
+    """``"<slide layer name> · Annotations"``, the name of a slide's Annotations layer."""
     return f"{slide_layer.name} · Annotations"
 
 
 def find_annotations_layer(viewer: napari.Viewer, slide_path: str) -> Any:
+    """The Annotations layer of the slide ``slide_path`` in ``viewer`` (``None``: none)."""
     found = layers_of(viewer, slide_path, kinds=("annotations",))
     return found[0] if found else None
 
@@ -248,7 +228,28 @@ def add_annotations_layer(viewer: napari.Viewer, slide_layer: Any,
                           annotations: Sequence[Annotation] = (), *,
                           kind: str = "annotations", name: str | None = None,
                           classes: ClassProvider = default_classes) -> Any:
-    """A Shapes layer of ``annotations`` (level-0) in world µm, styled, keys bound."""
+    """Add a Shapes layer of annotations over a slide, styled, review keys bound.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    slide_layer : napari.layers.Image
+        The slide (its metadata gives the mpp).
+    annotations : sequence of Annotation
+        Level-0 annotations, placed in world µm.
+    kind : str
+        Our layer kind (metadata).
+    name : str, optional
+        Layer name (default: :func:`annotations_layer_name`).
+    classes : callable
+        The class names of the ``Alt-digit`` keys.
+
+    Returns
+    -------
+    napari.layers.Shapes
+        The new layer.
+    """
     mpp = slide_layer.metadata.get("mpp")
     shapes = annotations_to_shapes(list(annotations), mpp)
     w0 = edge_width_for(slide_layer)
@@ -308,6 +309,22 @@ def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
     the last run come back as "<slide> · L<k> ROIs" layers. A saved file that cannot be read
     is reported (``show_error``), kept aside as ``*.unreadable`` so the next autosave does not
     overwrite it, and the layer starts empty.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    slide_layer : napari.layers.Image
+        The slide.
+    data_dir : path-like, optional
+        The autosave's fallback folder.
+    classes : callable
+        The class names of the ``Alt-digit`` keys.
+
+    Returns
+    -------
+    napari.layers.Shapes
+        The slide's Annotations layer.
     """
     from napari.utils.notifications import show_error
 
@@ -333,16 +350,29 @@ def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
             annotations = []
     plain, rois = _split_saved(annotations)
     for layer_no in sorted(rois):
-        shapes = annotations_to_shapes(rois[layer_no], slide_layer.metadata.get("mpp"),
-                                       roi=True)
-        roi_layer = add_roi_layer(viewer, slide_layer, shapes.data, shapes.features,
+        restored = RoiTable.from_annotations(rois[layer_no]).to_layer_data(
+            slide_layer.metadata.get("mpp"))
+        roi_layer = add_roi_layer(viewer, slide_layer, restored.rects, restored.features,
                                   layer_no, run="restored", committed=True)
         bind_review_keys(roi_layer, classes)
     return add_annotations_layer(viewer, slide_layer, plain, classes=classes)
 
 
 def layer_annotations(layer: Any) -> list[Annotation]:
-    """A Shapes layer of ours (or any Shapes layer over a slide) as level-0 annotations."""
+    """A Shapes layer of ours (or any Shapes layer over a slide) as level-0 annotations.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An annotations layer (``kind`` annotation) or ROI layer (``kind`` roi, through
+        :meth:`~napari_magnet.io.rois.RoiTable.from_layer`).
+
+    Returns
+    -------
+    list of Annotation
+        Its area shapes (lines and paths are left out), with the slide's mpp and name
+        recorded.
+    """
     meta = layer.metadata
     kind = "roi" if layer_kind(layer) == "rois" else "annotation"
     anns, _ = shapes_to_annotations(
@@ -353,8 +383,20 @@ def layer_annotations(layer: Any) -> list[Annotation]:
 
 
 def collect_annotations(viewer: napari.Viewer, slide_path: str) -> list[Annotation]:
-    """What the autosave writes for a slide: its annotation layers' shapes and the ROIs of its
-    last completed run."""
+    """What the autosave writes for a slide.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    slide_path : str
+        The slide.
+
+    Returns
+    -------
+    list of Annotation
+        The shapes of its annotation layers and the ROIs of its last completed run.
+    """
     out: list[Annotation] = []
     for layer in layers_of(viewer, slide_path, kinds=SAVED_KINDS):
         if layer_kind(layer) == "rois" and not layer_info(layer).get("committed"):
@@ -412,6 +454,7 @@ class AnnotationAutosaver(QObject):
         layer.events.features.connect(self.schedule)
 
     def unwatch(self, layer: Any) -> None:
+        """Stop saving after changes of ``layer``."""
         if layer not in self._watched:
             return
         self._watched.discard(layer)
@@ -444,9 +487,15 @@ class AnnotationAutosaver(QObject):
         self._timer.stop()
 
     def save_now(self) -> Path | None:
-        """Write the slide's annotations (atomically); returns the file, or ``None`` when there
-        was nothing to save. Errors are reported with ``show_error`` and kept in
-        :attr:`last_error`."""
+        """Write the slide's annotations (atomically).
+
+        Errors are reported with ``show_error`` and kept in :attr:`last_error`.
+
+        Returns
+        -------
+        Path or None
+            The file, or ``None`` when there was nothing to save or the save failed.
+        """
         from napari.utils.notifications import show_error
 
         viewer = self._viewer()
@@ -491,13 +540,34 @@ def _is_user_content(annotation: Annotation) -> bool:
 
 
 def watch_slide_layers(autosaver: AnnotationAutosaver, viewer: napari.Viewer) -> None:
-    """Watch every saved layer of the autosaver's slide currently in the viewer."""
+    """Watch every saved layer of the autosaver's slide currently in the viewer.
+
+    Parameters
+    ----------
+    autosaver : AnnotationAutosaver
+        The slide's autosaver.
+    viewer : napari.Viewer
+        The viewer.
+    """
     for layer in layers_of(viewer, autosaver.slide_path, kinds=SAVED_KINDS):
         autosaver.watch(layer)
 
 
 def slide_of_layer(viewer: napari.Viewer, layer: Any) -> Any:
-    """The slide layer a layer of ours belongs to (``None`` if not in the viewer)."""
+    """The slide layer a layer of ours belongs to.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer.
+    layer : napari.layers.Layer
+        A layer of ours.
+
+    Returns
+    -------
+    napari.layers.Image or None
+        The slide layer, ``None`` when it is not in the viewer.
+    """
     from .layers import is_slide_layer
 
     path = slide_path_of(layer)
@@ -508,23 +578,8 @@ def slide_of_layer(viewer: napari.Viewer, layer: Any) -> Any:
 
 
 __all__ = [
-    "AnnotationAutosaver",
-    "CLASS_KEYS",
-    "DATA_DIR_ENV",
-    "REVIEW_KEYS",
-    "SIDECAR_SUFFIX",
-    "add_annotations_layer",
-    "bind_review_keys",
-    "collect_annotations",
-    "data_dir",
-    "fallback_path",
-    "find_annotations_layer",
-    "folder_writable",
-    "layer_annotations",
-    "restore_annotations",
-    "save_path",
-    "saved_path",
-    "set_class",
-    "set_review",
-    "sidecar_path",
+    "AnnotationAutosaver", "CLASS_KEYS", "DATA_DIR_ENV", "REVIEW_KEYS", "SIDECAR_SUFFIX",
+    "add_annotations_layer", "bind_review_keys", "collect_annotations", "data_dir",
+    "fallback_path", "find_annotations_layer", "folder_writable", "layer_annotations",
+    "restore_annotations", "save_path", "saved_path", "set_class", "set_review", "sidecar_path",
 ]

@@ -14,18 +14,22 @@ units:
   which knows the slide (and checks the coordinates against its size).
 
 Classes and review states become the ``class``/``review`` features (styled like the
-Annotations layer); a file without area annotations or a bad file raises :class:`~napari_magnet.io.geojson.GeoJSONError` with the
-file name and the problem, which napari shows as an error notification; nothing is added.
+Annotations layer); a file without area annotations or a bad file raises
+:class:`~napari_magnet.io.annotation.GeoJSONError` with the file name and the problem, which
+napari shows as an error notification; nothing is added.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+
 import numpy as np
 
-from ..io.geojson import GeoJSONError, load_geojson
-from ..io.layerdata import annotations_to_shapes, recorded_mpp, review_style
+from ..io.annotation import GeoJSONError
+from ..io.colors import review_style
+from ..io.geojson_read import load_geojson
+from ..io.shapes import annotations_to_shapes, recorded_mpp
 from .layers import KEY, attention_map_layer_tuple
 
 GEOJSON_PATTERNS = (".geojson",)
@@ -41,7 +45,18 @@ def _single(path: str | list[str]) -> str | None:
 
 
 def get_geojson_reader(path: str | list[str]):
-    """npe2 reader hook: our reader for one ``*.geojson`` file, else ``None``."""
+    """npe2 reader hook for GeoJSON files.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about: one path, or a list holding one.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_geojson_layers` for one existing ``*.geojson`` file, else ``None``.
+    """
     p = _single(path)
     if p is None or not p.lower().endswith(GEOJSON_PATTERNS) or not Path(p).is_file():
         return None
@@ -49,7 +64,24 @@ def get_geojson_reader(path: str | list[str]):
 
 
 def geojson_layer_tuple(path: str) -> tuple:
-    """Read ``path`` into a Shapes layer tuple (see the module docstring)."""
+    """Read a GeoJSON file into a Shapes layer tuple (see the module docstring).
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    tuple
+        ``(data, kwargs, "shapes")``: level-0 ``(row, col)`` vertices, the layer's
+        arguments (features, colours, scale in µm when the file records the slide's mpp).
+
+    Raises
+    ------
+    GeoJSONError
+        For a bad file, or one without area annotations.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = load_geojson(path)
@@ -91,7 +123,18 @@ def geojson_layer_tuple(path: str) -> tuple:
 
 
 def read_geojson_layers(path: str | list[str]) -> list[tuple]:
-    """npe2 reader: one Shapes layer tuple."""
+    """npe2 reader of GeoJSON files.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about: one path, or a list holding one.
+
+    Returns
+    -------
+    list of tuple
+        One Shapes layer tuple (:func:`geojson_layer_tuple`).
+    """
     return [geojson_layer_tuple(_single(path) or "")]
 
 
@@ -114,8 +157,19 @@ def _is_attention_tiff(path: str) -> bool:
 
 
 def get_attention_reader(path: str | list[str]):
-    """npe2 reader hook: our attention-map OME-TIFFs only (other TIFFs are declined, so the
-    slide reader gets them)."""
+    """npe2 reader hook for our attention-map OME-TIFFs.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about: one path, or a list holding one.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_attention_layers` for our attention maps; other TIFFs are declined
+        (``None``), so the slide reader gets them.
+    """
     p = _single(path)
     if p is None or not p.lower().endswith(OME_PATTERNS) or not _is_attention_tiff(p):
         return None
@@ -123,8 +177,19 @@ def get_attention_reader(path: str | list[str]):
 
 
 def read_attention_layers(path: str | list[str]) -> list[tuple]:
-    """npe2 reader: the map as an Image layer at its place on the slide (µm when the file
-    records the slide's mpp)."""
+    """npe2 reader of attention-map OME-TIFFs.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks about: one path, or a list holding one.
+
+    Returns
+    -------
+    list of tuple
+        The map as one Image layer tuple at its place on the slide (in µm when the file
+        records the slide's mpp).
+    """
     from ..io.ome import read_attention_ome_tiff
 
     p = _single(path) or ""

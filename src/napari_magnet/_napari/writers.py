@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..io.geojson import GeoJSONError, write_geojson
-from ..io.layerdata import attention_box_from_layer, shapes_to_annotations
+from ..io.annotation import GeoJSONError
+from ..io.attention_layers import attention_box_from_layer
+from ..io.geojson_write import write_geojson
 from ..io.ome import write_attention_ome_tiff
+from ..io.shapes import shapes_to_annotations
 from .layers import KEY
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -55,7 +57,28 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict) -> list[str]:
 
     Rectangles and polygons are written as they are, ellipses as 64-gons; lines and paths
     (no area) are skipped with a warning. Classes, review states and — for ROI layers —
-    lineage and measurements go into the features' properties (see :mod:`..io.geojson`).
+    lineage and measurements go into the features' properties (see :mod:`..io.geojson`;
+    ROI layers are read through :meth:`~napari_magnet.io.rois.RoiTable.from_layer`).
+
+    Parameters
+    ----------
+    path : str
+        The file (``.geojson`` is appended unless it ends in ``.geojson`` or ``.json``).
+    data : list of np.ndarray
+        The layer's vertices (data coordinates).
+    attributes : dict
+        The layer's attributes as npe2 passes them: ``metadata``, ``shape_type``,
+        ``features``, ``scale``, ``translate``.
+
+    Returns
+    -------
+    list of str
+        The written path.
+
+    Raises
+    ------
+    GeoJSONError
+        When the layer holds only lines and paths, or a shape cannot be written.
     """
     path = _with_suffix(str(path), GEOJSON_SUFFIXES)
     meta = dict(attributes.get("metadata") or {})
@@ -90,7 +113,27 @@ def write_attention_ome(path: str, data: Any, attributes: dict) -> list[str]:
     """Write an attention-map Image layer as an OME-TIFF placed on the slide (io.ome).
 
     Only layers the plugin made (or read back) as attention maps are accepted: other images
-    — the slide itself above all — are refused with a ``ValueError``.
+    — the slide itself above all — are refused.
+
+    Parameters
+    ----------
+    path : str
+        The file (``.ome.tif`` is appended unless it ends in ``.ome.tif`` or ``.ome.tiff``).
+    data : array-like
+        The layer's 2-D map.
+    attributes : dict
+        The layer's attributes as npe2 passes them: ``metadata`` (``box``, ``mpp``),
+        ``scale``, ``translate``, ``name``.
+
+    Returns
+    -------
+    list of str
+        The written path.
+
+    Raises
+    ------
+    ValueError
+        For a layer that is not one of our attention maps, or not a 2-D single image.
     """
     path = _with_suffix(str(path), OME_SUFFIXES)
     meta = dict(attributes.get("metadata") or {})

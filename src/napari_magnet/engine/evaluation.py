@@ -21,7 +21,6 @@ their average rank (a tie between a positive and a negative counts one half).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.atomic import atomic_write_json, atomic_write_text
 from .cohort import LESION_CLASSES, SlideRecord
 
 __all__ = [
@@ -313,24 +313,15 @@ def markdown_table(rows: Sequence[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_report(path: str | os.PathLike, rows: Sequence[dict],
                  outcomes: Sequence[SlideOutcome], meta: dict | None = None) -> Path:
     """Write the evaluation to ``path``: ``.md`` (the table and the per-slide list) or JSON.
 
-    Any other suffix writes JSON. NaN values become ``null`` in JSON.
+    Any other suffix writes JSON. NaN values become ``null`` in JSON (numpy values are
+    converted: :func:`~napari_magnet.io.atomic.json_safe`). The file is written atomically and
+    its folder created when missing.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     if out.suffix.lower() in (".md", ".markdown"):
         lines = [f"# Evaluation of {meta.get('model', 'a model')}", ""]
@@ -345,11 +336,6 @@ def write_report(path: str | os.PathLike, rows: Sequence[dict],
             lines.append(f"| {Path(o.path).name} | {o.lesion_class} | {size} | {inside} | "
                          f"{o.probability:.3f} | {o.pixels_processed:,} | {o.pixels_read:,} | "
                          f"{o.seconds:.2f} |")
-        text = "\n".join(lines) + "\n"
-    else:
-        text = json.dumps(_json_safe({"meta": meta, "summary": list(rows),
-                                      "slides": [asdict(o) for o in outcomes]}), indent=1) + "\n"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+        return atomic_write_text(out, "\n".join(lines) + "\n")
+    return atomic_write_json(out, {"meta": meta, "summary": list(rows),
+                                   "slides": [asdict(o) for o in outcomes]}, indent=1)

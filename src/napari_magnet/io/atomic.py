@@ -65,10 +65,15 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 1) -> Path:
-    """Write ``json_safe(value)`` as JSON (with a final newline) atomically; returns ``path``."""
-    return atomic_write_text(path, json.dumps(json_safe(value), indent=indent,
-                                              allow_nan=False) + "\n")
+def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 1,
+                      ensure_ascii: bool = True) -> Path:
+    """Write ``json_safe(value)`` as JSON (with a final newline) atomically; returns ``path``.
+
+    ``indent`` and ``ensure_ascii`` are :func:`json.dumps`'s (``ensure_ascii=False`` writes
+    non-ASCII text as UTF-8 instead of ``\\u`` escapes).
+    """
+    return atomic_write_text(path, json.dumps(json_safe(value), indent=indent, allow_nan=False,
+                                              ensure_ascii=ensure_ascii) + "\n")
 
 
 def json_safe(value: Any) -> Any:

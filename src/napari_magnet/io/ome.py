@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from .geojson import _atomic_path
+from .atomic import atomic_path
 
 __all__ = [
     "AttentionMap",
@@ -115,8 +115,20 @@ class AttentionMap:
     def pixel_to_level0(
         self, row: Any, col: Any, *, center: bool = True
     ) -> tuple[np.ndarray, np.ndarray] | tuple[float, float]:
-        """Level-0 ``(x, y)`` of map pixel ``(row, col)``: its centre, or its top-left corner
-        with ``center=False``. Accepts scalars or arrays."""
+        """Level-0 position of map pixels.
+
+        Parameters
+        ----------
+        row, col : int, float or array
+            Map pixel indices (scalars or arrays).
+        center : bool
+            The pixel's centre; ``False``: its top-left corner.
+
+        Returns
+        -------
+        (x, y)
+            Level-0 floats, or arrays for array input.
+        """
         sx, sy = self.pixel_size
         off = 0.5 if center else 0.0
         x = self.box[0] + (np.asarray(col, dtype=float) + off) * sx
@@ -126,8 +138,19 @@ class AttentionMap:
         return (x, y)
 
     def level0_to_pixel(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray] | tuple[int, int]:
-        """Integer ``(row, col)`` of the map pixel containing level-0 ``(x, y)`` (may lie
-        outside the map; compare with :attr:`shape`)."""
+        """The map pixel containing level-0 points.
+
+        Parameters
+        ----------
+        x, y : float or array
+            Level-0 positions.
+
+        Returns
+        -------
+        (row, col)
+            Integer indices, or arrays for array input; they may lie outside the map (compare
+            with :attr:`shape`).
+        """
         sx, sy = self.pixel_size
         col = np.floor((np.asarray(x, dtype=float) - self.box[0]) / sx).astype(int)
         row = np.floor((np.asarray(y, dtype=float) - self.box[1]) / sy).astype(int)
@@ -196,7 +219,8 @@ def write_attention_ome_tiff(
     if arr.ndim == 3 and 1 in arr.shape[:1]:
         arr = arr[0]
     if arr.ndim != 2 or arr.size == 0:
-        raise AttentionMapError(f"{what}: attention must be a non-empty 2-D array, got {arr.shape}")
+        raise AttentionMapError(
+            f"{what}: attention must be a non-empty 2-D array, got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
         raise AttentionMapError(f"{what}: attention must be numeric, got {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -256,7 +280,7 @@ def write_attention_ome_tiff(
         kwargs["resolutionunit"] = "CENTIMETER"
     if h > 1024 or w > 1024:
         kwargs["tile"] = (256, 256)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tifffile.imwrite(
             tmp,
             arr,
@@ -379,8 +403,23 @@ def read_attention_ome_tiff(
     OME-TIFF whose placement is given by OME physical sizes and plane positions in unit
     ``pixel``, or in length units together with ``slide_mpp``).
 
-    Raises :class:`AttentionMapError` naming the file when it cannot be read, is not a 2-D
-    image, or says nothing about where it lies on the slide.
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    slide_mpp : (mpp_x, mpp_y), optional
+        The slide's µm per pixel, for files placed in length units.
+
+    Returns
+    -------
+    AttentionMap
+        The map, its level-0 box and the slide's mpp when recorded.
+
+    Raises
+    ------
+    AttentionMapError
+        Naming the file when it cannot be read, is not a 2-D image, or says nothing about
+        where it lies on the slide.
     """
     what = str(path)
     try:

@@ -3,31 +3,33 @@
 :func:`export_run` writes::
 
     out_dir/
-      rois.geojson                 the run's regions as rectangles (steps_to_annotations)
+      rois.geojson                 the run's regions as rectangles (io.rois.RoiTable), with the
+                                   reviewer's classes and review states when given
       annotations.geojson          the user's annotations (an empty FeatureCollection if none)
       attention_L{layer}_{i}.ome.tif   one per attention map (i: 0-based index within the layer)
       result.json                  MagnifyResult fields, config hash, slide, layer summary, files
 
-Every file is written atomically (temporary file + ``os.replace``), so a crash never leaves a
-half-written file; ``attention_L*_*.ome.tif`` files left in the folder by an earlier export
+Every file is written atomically (:mod:`.atomic`), so a crash never leaves a half-written
+file; ``attention_L*_*.ome.tif`` files left in the folder by an earlier export
 that this one did not rewrite are removed, so the folder always describes one run.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .geojson import Annotation, _atomic_write_text, steps_to_annotations, write_geojson
-from .geojson import _json_safe as _jsonable
+from .annotation import Annotation
+from .atomic import atomic_write_json, json_safe
+from .geojson_write import write_geojson
 from .ome import write_attention_ome_tiff
+from .rois import RoiTable
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..engine.types import MagnifyResult, MagnifyStep
@@ -37,6 +39,7 @@ __all__ = [
     "attention_file_name",
     "export_run",
     "layer_summary",
+    "run_rois",
     "write_result_json",
 ]
 
@@ -48,13 +51,38 @@ _ATTENTION_RE = re.compile(r"^attention_L\d+_\d+\.ome\.tif$")
 
 
 def attention_file_name(layer: int, index: int) -> str:
-    """``attention_L{layer}_{index}.ome.tif``."""
+    """The file name of an attention map in a run's folder.
+
+    Parameters
+    ----------
+    layer : int
+        The magnifying layer.
+    index : int
+        0-based index of the map within the layer.
+
+    Returns
+    -------
+    str
+        ``attention_L{layer}_{index}.ome.tif``.
+    """
     return f"attention_L{int(layer)}_{int(index)}.ome.tif"
 
 
 def layer_summary(step: MagnifyStep) -> dict:
-    """JSON-ready summary of one step: layer, counts, aux probability, every region (id,
-    parent, box, level, attention mass, scale) and the attention maps' shapes and boxes."""
+    """JSON-ready summary of one step, as result.json records it.
+
+    Parameters
+    ----------
+    step : MagnifyStep
+        The step.
+
+    Returns
+    -------
+    dict
+        ``layer``, ``n_regions``, ``aux_probability``, ``regions`` (id, parent id, box,
+        level, attention mass, scale; ``null`` when unknown) and ``attention_maps`` (index,
+        file, shape, box).
+    """
     boxes = np.asarray(step.boxes, dtype=float).reshape(-1, 4)
     n = len(boxes)
     levels = np.asarray(step.levels).reshape(-1)
@@ -84,7 +112,7 @@ def layer_summary(step: MagnifyStep) -> dict:
                 "box": att_boxes[i] if i < len(att_boxes) else None,
             }
         )
-    return _jsonable(
+    return json_safe(
         {
             "layer": int(step.layer),
             "n_regions": n,
@@ -106,8 +134,29 @@ def write_result_json(
     Keys: ``format`` (:data:`RESULT_FORMAT`), ``version``, ``created`` (UTC ISO time),
     ``result`` (the MagnifyResult fields, or ``null`` for a run stopped before its result),
     ``config_hash`` (the model's, from the result), ``layers`` (:func:`layer_summary` per step),
-    then every key of ``extra`` (which must not reuse those names). Numpy values are converted
-    and non-finite floats written as ``null``.
+    then every key of ``extra``. Numpy values are converted and non-finite floats written as
+    ``null`` (:func:`~.atomic.json_safe`).
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    result : MagnifyResult or None
+        The run's result.
+    steps : sequence of MagnifyStep
+        The run's steps.
+    extra : dict, optional
+        More keys; they must not reuse the names above.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        When ``extra`` reuses a reserved key (nothing is written).
     """
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
@@ -122,8 +171,51 @@ def write_result_json(
         "layers": [layer_summary(s) for s in steps],
     }
     doc.update(extra)
-    text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    return _atomic_write_text(path, text)
+    return atomic_write_json(path, doc, indent=2, ensure_ascii=False)
+
+
+def run_rois(
+    steps: Sequence[MagnifyStep],
+    slide_name: str,
+    slide_mpp: Sequence[float] | None,
+    probability: float | None,
+    *,
+    review_states: Mapping[str, tuple[str, str]] | None = None,
+    roi_annotations: Sequence[Annotation] | None = None,
+) -> list[Annotation]:
+    """The ROIs ``rois.geojson`` holds (see :func:`export_run`).
+
+    Parameters
+    ----------
+    steps : sequence of MagnifyStep
+        The run's steps; their regions are the ROIs.
+    slide_name : str
+        The slide's file name (recorded; it seeds the stable feature ids).
+    slide_mpp : (mpp_x, mpp_y) or None
+        Recorded on reviewed ROIs.
+    probability : float or None
+        The run's slide probability (a measurement of every ROI).
+    review_states : mapping of str to (class, review state), optional
+        By ROI id.
+    roi_annotations : sequence of Annotation, optional
+        ROIs read from the viewer's layers, used when there are no steps.
+
+    Returns
+    -------
+    list of Annotation
+        Unreviewed ROIs as the run made them when neither ``review_states`` nor
+        ``roi_annotations`` is given; otherwise ROIs as the viewer saves them: with classes
+        and review states, ``"kind": "roi"`` and the slide's mpp in
+        ``properties.napari_magnet``.
+    """
+    reviewed = review_states is not None or roi_annotations is not None
+    if steps or roi_annotations is None:
+        table = RoiTable.from_steps(steps, slide_name=slide_name, probability=probability)
+    else:
+        table = RoiTable.from_annotations(roi_annotations)
+    if review_states:
+        table = table.with_review(review_states)
+    return table.to_annotations(mpp=slide_mpp if reviewed else None, mark_as_roi=reviewed)
 
 
 def export_run(
@@ -133,6 +225,9 @@ def export_run(
     steps: Sequence[MagnifyStep],
     result: MagnifyResult | None,
     annotations: Sequence[Annotation] | None = None,
+    *,
+    review_states: Mapping[str, tuple[str, str]] | None = None,
+    roi_annotations: Sequence[Annotation] | None = None,
 ) -> list[Path]:
     """Export one Magnify run into ``out_dir`` (created if needed); see the module docstring.
 
@@ -150,9 +245,28 @@ def export_run(
         The run's result (``None`` for a run stopped early: ``"result": null``).
     annotations : sequence of Annotation, optional
         The user's annotations for ``annotations.geojson``.
+    review_states : mapping of str to (str, str), optional
+        ROI id → (class, review state) set by a reviewer (``""`` = unclassified; ROIs not in
+        it keep theirs: a run's regions are unclassified and unreviewed). When given (even
+        empty), ``rois.geojson`` holds the ROIs as the viewer saves them: with those classes
+        and states, and ``"kind": "roi"`` and the slide's ``mpp`` (when known) in
+        ``properties.napari_magnet``.
+    roi_annotations : sequence of Annotation, optional
+        The ROIs when there are no ``steps`` (e.g. ROIs restored from an autosave, read from
+        the viewer's layers): written the same way, ``review_states`` applied to them too.
+        Ignored when there are steps.
 
-    Returns the written paths in the order: rois.geojson, annotations.geojson, the attention
-    maps, result.json.
+    Returns
+    -------
+    list of Path
+        The written paths in the order: rois.geojson, annotations.geojson, the attention
+        maps, result.json.
+
+    Raises
+    ------
+    ValueError
+        When a step's attention maps and boxes disagree, or a review state is not one of
+        :data:`~.annotation.REVIEW_STATES`; nothing is written then.
     """
     out = Path(out_dir)
     slide_path = Path(slide_path)
@@ -169,7 +283,8 @@ def export_run(
                 f"layer {step.layer}: {len(step.attention_maps)} attention maps but "
                 f"{n_boxes} attention boxes"
             )
-    rois = steps_to_annotations(steps, slide_name=slide_name, probability=probability)
+    rois = run_rois(steps, slide_name, slide_mpp, probability, review_states=review_states,
+                    roi_annotations=roi_annotations)
     out.mkdir(parents=True, exist_ok=True)
 
     written.append(write_geojson(out / "rois.geojson", rois))

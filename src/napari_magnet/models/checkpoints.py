@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..io.atomic import atomic_path, atomic_write_text
 from .family import get_family
 
 __all__ = [
@@ -388,7 +389,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "",
                     extra: Mapping[str, Any] | None = None,
                     model_name: str | None = None) -> tuple[Path, Path]:
-    """Write ``<name>.safetensors`` and ``<name>.json`` (atomically, each via a temp file).
+    """Write ``<name>.safetensors`` then ``<name>.json``, each atomically (:mod:`..io.atomic`).
 
     Parameters
     ----------
@@ -417,12 +418,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "
     config = _config_dict(model)
     chash = config_hash_of(config)
     weights, meta_path = checkpoint_paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT, "architecture": arch,
-                                           "config_hash": chash})
-    os.replace(tmp_w, weights)
+    # the weights first, then the JSON that names their digest: a crash in between leaves the
+    # new weights beside the old JSON, whose sha256 no longer matches (reported on loading)
+    with atomic_path(weights) as tmp_weights:
+        save_file(state, str(tmp_weights), metadata={"format": FORMAT, "architecture": arch,
+                                                     "config_hash": chash})
     digest = sha256_of(weights)
     name = model_name or getattr(model, "model_name", None) or config.get("name") or weights.stem
     meta = {
@@ -444,9 +445,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "
             **dict(extra or {}),
         },
     }
-    tmp_j = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_j.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp_j, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     try:
         model.checkpoint_sha256 = digest
     except AttributeError:  # pragma: no cover
