@@ -69,6 +69,36 @@ def test_widget_lists_models_devices_and_is_a_manifest_widget(make_napari_viewer
     assert isinstance(widget, MagnifyWidget)
 
 
+def test_widget_is_a_composition_of_small_panels(make_napari_viewer):
+    from napari_magnet._napari._qt import ExportPanel, MagnifyPanel, ReviewPanel
+    from napari_magnet._napari.run_controller import RunController, RunState
+    from napari_magnet.models.registry import DEMO_CHECKPOINT, family_of_spec
+
+    viewer = make_napari_viewer()
+    widget = add_magnify_widget(viewer)
+    assert isinstance(widget.magnify_panel, MagnifyPanel)
+    assert isinstance(widget.review_panel, ReviewPanel)
+    assert isinstance(widget.export_panel, ExportPanel)
+    assert isinstance(widget.controller, RunController)
+    assert widget.model_combo is widget.magnify_panel.model_combo
+    assert widget.class_combo is widget.review_panel.class_combo
+    assert widget.export_button is widget.export_panel.export_button
+    assert widget.state is RunState.IDLE and not widget.is_running
+    assert widget.current_run is None and widget.last_runs == {}
+    # a checkpoint path: the Patches box follows its family (read from the checkpoint JSON)
+    if DEMO_CHECKPOINT.is_file():
+        widget.set_checkpoint(str(DEMO_CHECKPOINT))
+        assert widget.model_spec == str(DEMO_CHECKPOINT)
+        assert widget.patches_spin.isEnabled() is family_of_spec(
+            str(DEMO_CHECKPOINT)).adjustable_patches
+    with pytest.raises(ValueError, match="unknown model"):
+        widget.set_model("no-such-model")
+    with pytest.raises(ValueError, match="unknown device"):
+        widget.set_device("tpu")
+    # no slide: Magnify reports instead of starting
+    assert widget.run_magnify() is None
+
+
 def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
     viewer, widget, slide = setup
     viewer.reset_view()

@@ -48,17 +48,17 @@ from ..io.layerdata import (
     coverage_colors,
     coverage_placement,
     review_style,
-    step_layer_data,
+    shapes_box_level0,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import napari
 
-    from ..engine.types import MagnifyStep
-
 KEY = "napari_magnet"
 ATTENTION_OPACITY = 0.5
 ATTENTION_BLENDING = "translucent"
+TEXT_COLOR = "black"
+_SUFFIX_RE = re.compile(r" \[\d+\]$")
 
 
 def attention_colormap() -> Any:
@@ -70,8 +70,6 @@ def attention_colormap() -> Any:
     colors[:, 3] = np.linspace(0.0, 1.0, len(colors)) ** 0.8
     return Colormap(colors=colors, name="napari-magnet attention",
                     display_name="attention (inferno, alpha ramp)")
-TEXT_COLOR = "black"
-_SUFFIX_RE = re.compile(r" \[\d+\]$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +130,29 @@ def layers_of(viewer: napari.Viewer, slide_path: str, kinds: Iterable[str] | Non
 def base_name(name: str) -> str:
     """A layer name without napari's " [1]" de-duplication suffix."""
     return _SUFFIX_RE.sub("", name)
+
+
+def selected_box(viewer: napari.Viewer, slide_layer: Any) -> tuple | None:
+    """Level-0 ``(x0, y0, x1, y1)`` box of the shapes selected in a Shapes layer that is not
+    an ROI layer (the active layer first), or ``None`` when none is selected.
+
+    World µm → level-0 pixels through both layers' scale and translate.
+    """
+    from napari.layers import Shapes
+
+    active = viewer.layers.selection.active
+    order = [active] + [lyr for lyr in reversed(viewer.layers) if lyr is not active]
+    for layer in order:
+        if not isinstance(layer, Shapes) or layer_kind(layer) == "rois":
+            continue
+        selected = sorted(i for i in (layer.selected_data or ()) if i < layer.nshapes)
+        if not selected:
+            continue
+        verts = np.concatenate([np.asarray(layer.data[i])[:, -2:] for i in selected])
+        return shapes_box_level0(verts, tuple(layer.scale)[-2:], tuple(layer.translate)[-2:],
+                                 tuple(slide_layer.scale)[-2:],
+                                 tuple(slide_layer.translate)[-2:])
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,19 +277,6 @@ def add_attention_layer(viewer: napari.Viewer, slide_layer: Any, placed: Attenti
         metadata=meta,
         **_kwargs_units(slide_layer),
     )
-
-
-def add_step_layers(viewer: napari.Viewer, slide_layer: Any, step: MagnifyStep,
-                    run: Any) -> list:
-    """The attention overlay then the ROI rectangles of one step, on top of the layer list
-    (computes the layer data here; the widget computes it in its worker instead)."""
-    meta = slide_layer.metadata
-    data = step_layer_data(step, meta.get("mpp"), meta["slide"].dimensions)
-    return [
-        add_attention_layer(viewer, slide_layer, data.attention, step.layer, run, data.n_maps),
-        add_roi_layer(viewer, slide_layer, data.rois.rects, data.rois.features, step.layer,
-                      run),
-    ]
 
 
 # --------------------------------------------------------------------------------------------
