@@ -213,3 +213,28 @@ def test_toy_family_trains_evaluates_and_runs_from_the_cli(toy_family, toy_cohor
     result = json.loads((out / "result.json").read_text())
     assert result["result"]["model_name"] == "grid-k3"
     capsys.readouterr()
+
+
+def test_toy_family_runs_in_the_widget_of_a_real_viewer(toy_family, toy_cohort, tmp_path,
+                                                        make_napari_viewer, qtbot, monkeypatch):
+    from napari_magnet._napari.layers import layer_info, layer_kind
+    from napari_magnet._napari.widget import add_magnify_widget
+    from napari_magnet.engine.cohort import read_cohort
+
+    monkeypatch.setenv("NAPARI_MAGNET_DATA_DIR", str(tmp_path / "data"))
+    viewer = make_napari_viewer(show=True)
+    widget = add_magnify_widget(viewer)
+    names = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert "grid-k3" in names and "grid-k5" in names
+    (slide,) = viewer.open(str(read_cohort(toy_cohort)[0].path), plugin="napari-magnet")
+    widget.set_model("grid-k5")
+    assert not widget.patches_spin.isEnabled()  # the family's patches are fixed
+    widget.set_device("cpu")
+    assert widget.run_magnify() is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=120_000)
+    run = widget.last_runs[slide.metadata["path"]]
+    assert run.result is not None and run.result.model_name == "grid-k5"
+    (rois,) = [lyr for lyr in viewer.layers if layer_kind(lyr) == "rois"]
+    assert rois.nshapes == 5 and layer_info(rois)["layer"] == 1
+    assert list(rois.features["id"]) == ["1", "2", "3", "4", "5"]
+    assert any(layer_kind(lyr) == "attention" for lyr in viewer.layers)
