@@ -4,7 +4,7 @@ A small attention network looks at a downscaled *view* of the slide and produces
 distribution over its positions; ``N`` positions are sampled from it, each is read as a
 high-resolution patch from the pyramid, a feature network embeds every patch, and the
 attention-weighted mean of the features (estimated from the samples, see
-:mod:`napari_magnet.models.estimators`) is classified.
+:mod:`napari_magnet.models.ats.estimators`) is classified.
 
 Shapes and coordinates (the contract with the engine)
 -----------------------------------------------------
@@ -36,7 +36,12 @@ Two levels (``config.two_level``): the view's attention picks ``N1`` *regions* (
 looks at every region and ``N2 = n_patches`` patches are drawn inside each, with centres
 region-normalised the same way. See :meth:`AttentionSampling.classify_two_level`.
 
-Imports torch (and the estimators) only.
+One pipeline (:meth:`AttentionSampling.forward`: attention → mask outside the slide → sample →
+read → classify) serves both callers; they differ only in the reader callbacks they hand it
+(:class:`SlideReads`): a Magnify run (:func:`magnify_attention_sampling`) reads one slide,
+a training step (:class:`ATSTask`) a batch of augmented slides.
+
+The model (:mod:`.model`) imports torch only; the readers and callers use the engine.
 """
 from __future__ import annotations
 
@@ -45,8 +50,9 @@ from typing import Any
 
 from ..family import Family, register_family
 from .config import ATS_CONFIGS, ATSConfig, ats_config
-from .magnify import magnify_attention_sampling, restrict_to_visible
+from .magnify import magnify_attention_sampling
 from .model import ATSOutput, AttentionNet, AttentionSampling, FeatureNet, build_ats, gumbel_top_k
+from .reads import SlideReads
 from .training import ATSTask
 
 __all__ = [
@@ -61,8 +67,8 @@ __all__ = [
     "ats_config",
     "build_ats",
     "gumbel_top_k",
+    "SlideReads",
     "magnify_attention_sampling",
-    "restrict_to_visible",
 ]
 
 
@@ -72,6 +78,7 @@ def _from_dict(config: Mapping[str, Any]) -> AttentionSampling:
 
 def _named(name: str):
     def factory() -> AttentionSampling:
+        """A fresh model of this named configuration."""
         return AttentionSampling(ATS_CONFIGS[name]())
 
     factory.__name__ = f"build_{name.replace('-', '_')}"

@@ -130,7 +130,21 @@ class ATSConfig:
 
 
 def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -> ATSConfig:
-    """An :class:`ATSConfig` named ``ats-p{P}-n{N}`` unless ``name`` is given."""
+    """An :class:`ATSConfig` named ``ats-p{P}-n{N}`` unless ``name`` is given.
+
+    Parameters
+    ----------
+    patch_size, n_patches : int
+        ``P`` and ``N``.
+    name : str, optional
+        Registry name.
+    **kw
+        Further :class:`ATSConfig` fields.
+
+    Returns
+    -------
+    ATSConfig
+    """
     return ATSConfig(
         name=name or f"ats-p{patch_size}-n{n_patches}", patch_size=patch_size, n_patches=n_patches, **kw
     )

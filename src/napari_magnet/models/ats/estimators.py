@@ -68,16 +68,15 @@ REINFORCE (the talk's variant)
 :func:`reinforce_attention_loss` is ``−(r − b) log P(s) + λ Σ_k a_k log a_k`` with ``b`` a running
 (exponential moving average) baseline of the reward and ``λ`` the entropy-regularisation weight
 (the term is ``−λ·H(a)``, so minimising it keeps the attention spread out).
-:class:`ReinforceTrainer` trains an :class:`~napari_magnet.models.ats.AttentionSampling` model
-that way with two Adam optimizers (lr 1e-3; the attention optimizer's first-moment decay 0.999).
+:class:`~napari_magnet.models.ats.ATSTask` trains a model that way with two Adam optimizers
+(lr 1e-3; the attention optimizer's first-moment decay 0.999, :func:`make_attention_optimizer`).
 
 Imports torch only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -89,14 +88,10 @@ __all__ = [
     "expected_with_replacement",
     "expected_without_replacement",
     "expectation",
-    "naive_expected_without_replacement",
-    "published_expected_without_replacement",
     "reinforce_attention_loss",
     "attention_negentropy",
     "EMABaseline",
     "make_attention_optimizer",
-    "reinforce_step",
-    "ReinforceTrainer",
 ]
 
 _TINY = 1e-30
@@ -147,11 +142,23 @@ def ats_terms(features: Tensor, sampled_attention: Tensor) -> Tensor:
 
 
 def draw_log_probs(sampled_attention: Tensor, replace: bool) -> Tensor:
-    """Log-probability of each draw given the previous ones, ``(B, N)``.
+    """Log-probability of each draw given the previous ones.
 
     With replacement ``log a_{s_i}``; without replacement
     ``log a_{s_i} − log(1 − Σ_{j<i} a_{s_j})``. Summed over ``i`` this is ``log P(s)``, the
-    log-probability of the whole ordered draw. Differentiable w.r.t. the attention.
+    log-probability of the whole ordered draw.
+
+    Parameters
+    ----------
+    sampled_attention : Tensor
+        ``(B, N)`` attention probability of each draw, in draw order.
+    replace : bool
+        Whether the draws were made with replacement.
+
+    Returns
+    -------
+    Tensor
+        ``(B, N)``, differentiable w.r.t. the attention.
     """
     log_a = sampled_attention.clamp_min(_TINY).log()
     if replace:
@@ -160,7 +167,20 @@ def draw_log_probs(sampled_attention: Tensor, replace: bool) -> Tensor:
 
 
 def sequence_log_prob(sampled_attention: Tensor, replace: bool) -> Tensor:
-    """``log P(s)`` of the ordered draw, ``(B,)``; see :func:`draw_log_probs`."""
+    """``log P(s)`` of the ordered draw; see :func:`draw_log_probs`.
+
+    Parameters
+    ----------
+    sampled_attention : Tensor
+        ``(B, N)`` attention probability of each draw, in draw order.
+    replace : bool
+        Whether the draws were made with replacement.
+
+    Returns
+    -------
+    Tensor
+        ``(B,)``.
+    """
     return draw_log_probs(sampled_attention, replace).sum(dim=1)
 
 
@@ -257,60 +277,27 @@ def expectation(
     replace: bool,
     baseline: Tensor | float | None = None,
 ) -> Tensor:
-    """Dispatch to :func:`expected_with_replacement` or :func:`expected_without_replacement`."""
+    """Dispatch to :func:`expected_with_replacement` or :func:`expected_without_replacement`.
+
+    Parameters
+    ----------
+    features : Tensor
+        ``(B, N, *D)`` features of the draws, in draw order.
+    sampled_attention : Tensor
+        ``(B, N)`` their attention probabilities, differentiable.
+    replace : bool
+        Whether the draws were made with replacement.
+    baseline : Tensor or float, optional
+        Score-function baseline (see the two estimators).
+
+    Returns
+    -------
+    Tensor
+        ``(B, *D)`` surrogate whose value is the estimate.
+    """
     if replace:
         return expected_with_replacement(features, sampled_attention, baseline)
     return expected_without_replacement(features, sampled_attention, baseline)
-
-
-# --------------------------------------------------------------------------------------------
-# Biased references, kept so that tests can show the difference (never used for training).
-# --------------------------------------------------------------------------------------------
-
-
-def naive_expected_without_replacement(features: Tensor, sampled_attention: Tensor) -> Tensor:
-    """The ATS estimate back-propagated through its weights only (pathwise, no score term).
-
-    Unbiased value, **biased gradient**: it ignores that the attention also decides which
-    positions are drawn. Reference for the tests only.
-    """
-    return ats_terms(features, sampled_attention).mean(dim=1)
-
-
-class _PublishedWithoutReplacement(torch.autograd.Function):
-    """The gradient of the published TF implementation (``_expected_without_replacement``).
-
-    Uniform weights ``w_i = 1/N``; with ``pm_i = 1 − Σ_{j<i} a_j`` and the estimates ``F_i``:
-    ``∂/∂a_i = w_i · g · (F_i · pm_i / a_i + Σ_{j<i} f_j − i · f_i)`` and
-    ``∂/∂f_i = w_i · (pm_i + (N − 1 − i) a_i) · g``. Biased in expectation (shown by the tests).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, features: Tensor, sampled_attention: Tensor) -> Tensor:
-        terms = ats_terms(features, sampled_attention)
-        ctx.save_for_backward(features, sampled_attention, terms)
-        return terms.mean(dim=1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        features, a, terms = ctx.saved_tensors
-        n = a.shape[1]
-        w = 1.0 / n
-        pm = _remaining_mass(a)
-        g = grad.unsqueeze(1)  # (B, 1, *D)
-        idx = torch.arange(n, dtype=a.dtype, device=a.device)
-        ga1 = terms / _expand(a / pm, features)
-        ga2 = (torch.cumsum(features, dim=1) - features) - _expand(idx.expand_as(a), features) * features
-        ga = (g * (ga1 + ga2)).flatten(2).sum(dim=2) * w
-        rev = (n - 1 - idx).expand_as(a)
-        gf = w * _expand(pm + rev * a, features) * g
-        return gf, ga
-
-
-def published_expected_without_replacement(features: Tensor, sampled_attention: Tensor) -> Tensor:
-    """The ATS estimate with the published (biased) custom gradient. Tests only."""
-    _check(features, sampled_attention)
-    return _PublishedWithoutReplacement.apply(features, sampled_attention)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,10 +306,20 @@ def published_expected_without_replacement(features: Tensor, sampled_attention: 
 
 
 def attention_negentropy(attention: Tensor) -> Tensor:
-    """``Σ_k a_k log a_k`` per batch row (``0 log 0 = 0``); ``attention`` is ``(B, ...)``.
+    """``Σ_k a_k log a_k`` per batch row (``0 log 0 = 0``).
 
     Positions with ``a_k = 0`` (masked outside the slide) contribute 0 and a finite gradient;
     ``xlogy`` would give them a NaN gradient (``0 / 0``).
+
+    Parameters
+    ----------
+    attention : Tensor
+        ``(B, ...)`` distributions.
+
+    Returns
+    -------
+    Tensor
+        ``(B,)`` negative entropies.
     """
     flat = attention.flatten(1)
     return (flat * flat.clamp_min(torch.finfo(flat.dtype).tiny).log()).sum(dim=1)
@@ -367,7 +364,15 @@ def reinforce_attention_loss(
 
 
 class EMABaseline:
-    """Running reward baseline ``b ← β b + (1 − β) mean(r)``; starts at the first reward."""
+    """Running reward baseline ``b ← β b + (1 − β) mean(r)``; starts at the first reward.
+
+    Parameters
+    ----------
+    decay : float
+        ``β`` in ``[0, 1)``.
+    initial : float, optional
+        Starting value; ``None`` until the first reward.
+    """
 
     def __init__(self, decay: float = 0.9, initial: float | None = None) -> None:
         if not 0.0 <= decay < 1.0:
@@ -376,6 +381,7 @@ class EMABaseline:
         self.value: float | None = initial
 
     def update(self, reward: Tensor | float) -> float:
+        """Fold the mean of ``reward`` into the baseline and return its new value."""
         r = float(reward.detach().float().mean()) if isinstance(reward, Tensor) else float(reward)
         self.value = r if self.value is None else self.decay * self.value + (1.0 - self.decay) * r
         return self.value
@@ -385,99 +391,17 @@ class EMABaseline:
 
 
 def make_attention_optimizer(params: Iterable[Tensor], lr: float = 1e-3) -> torch.optim.Adam:
-    """Adam for the attention parameters as in the talk: lr 1e-3, betas (0.999, 0.999)."""
-    return torch.optim.Adam(params, lr=lr, betas=(0.999, 0.999))
-
-
-def reinforce_step(
-    optimizer: torch.optim.Optimizer,
-    log_probs: Tensor,
-    reward: Tensor,
-    baseline: EMABaseline,
-    attention: Tensor | None = None,
-    entropy_weight: float = 0.0,
-) -> float:
-    """One REINFORCE update of the attention: loss with the current baseline, step, update baseline.
-
-    The baseline used in the loss is the value *before* this reward is folded in, so it does not
-    depend on the current draw (keeping the gradient unbiased). On the first call it is the
-    first reward itself (advantage 0, only the entropy term acts). Returns the loss.
-    """
-    b = float(baseline) if baseline.value is not None else float(reward.detach().float().mean())
-    loss = reinforce_attention_loss(log_probs, reward, b, attention, entropy_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    baseline.update(reward)
-    return float(loss.detach())
-
-
-class ReinforceTrainer:
-    """Train an :class:`~napari_magnet.models.ats.AttentionSampling` model with REINFORCE.
-
-    Two Adam optimizers (DESIGN §5): the attention network's (lr 1e-3, betas (0.999, 0.999))
-    learns from ``−(r − b) log P(s) + λ Σ a log a``; the feature network and classifier (lr 1e-3,
-    default betas) learn from the cross-entropy of the logits, computed with the attention
-    detached so that the attention learns only through REINFORCE.
+    """Adam for the attention parameters as in the talk: lr 1e-3, betas (0.999, 0.999).
 
     Parameters
     ----------
-    model : AttentionSampling
-        The model; it must expose ``attention_parameters()`` and ``classifier_parameters()``.
+    params : iterable of Tensor
+        The attention networks' parameters.
     lr : float
-        Learning rate of both optimizers.
-    entropy_weight : float
-        ``λ`` of the entropy regulariser.
-    baseline_decay : float
-        ``β`` of the reward's exponential moving average.
-    reward_fn : callable, optional
-        ``(logits (B, C), target (B,)) -> reward (B,)``; default the log-probability of the true
-        class (``−`` cross-entropy per sample).
+        Learning rate.
+
+    Returns
+    -------
+    torch.optim.Adam
     """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float = 1e-3,
-        entropy_weight: float = 1e-2,
-        baseline_decay: float = 0.9,
-        reward_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    ) -> None:
-        self.model = model
-        self.attention_optimizer = make_attention_optimizer(model.attention_parameters(), lr=lr)
-        self.classifier_optimizer = torch.optim.Adam(model.classifier_parameters(), lr=lr)
-        self.entropy_weight = float(entropy_weight)
-        self.baseline = EMABaseline(baseline_decay)
-        self.reward_fn = reward_fn or (
-            lambda logits, target: -torch.nn.functional.cross_entropy(logits, target, reduction="none")
-        )
-
-    def step(
-        self,
-        view: Tensor,
-        read_patches: Callable[[Tensor], Tensor],
-        target: Tensor,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, float]:
-        """One training step on a batch; returns the losses, mean reward and baseline."""
-        self.model.train()
-        out = self.model(view, read_patches, generator=generator, attention_grad=False)
-        ce = torch.nn.functional.cross_entropy(out.logits, target)
-        with torch.no_grad():
-            reward = self.reward_fn(out.logits.detach(), target)
-        b = float(self.baseline) if self.baseline.value is not None else float(reward.float().mean())
-        att_loss = reinforce_attention_loss(
-            out.draw_log_probs, reward, b, out.attention, self.entropy_weight
-        )
-        self.attention_optimizer.zero_grad(set_to_none=True)
-        self.classifier_optimizer.zero_grad(set_to_none=True)
-        (ce + att_loss).backward()  # disjoint parameter sets: each loss reaches only its own
-        self.attention_optimizer.step()
-        self.classifier_optimizer.step()
-        self.baseline.update(reward)
-        return {
-            "loss": float(ce.detach()),
-            "attention_loss": float(att_loss.detach()),
-            "reward": float(reward.float().mean()),
-            "baseline": float(self.baseline),
-        }
+    return torch.optim.Adam(params, lr=lr, betas=(0.999, 0.999))

@@ -69,7 +69,7 @@ class ATSOutput:
     probabilities : Tensor
         ``(B, n_classes)`` softmax of ``logits``.
     attention : Tensor
-        ``(B, h', w')`` attention distribution.
+        ``(B, h', w')`` attention distribution (masked by the forward's ``visible``, if any).
     indices : Tensor
         ``(B, n)`` flat sampled positions, in sampling order.
     sampled_attention : Tensor
@@ -108,12 +108,26 @@ class ATSOutput:
 def gumbel_top_k(
     probabilities: Tensor, n: int, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Sample ``n`` positions without replacement, ``(B, K)`` → ``(B, n)``, **in sampling order**.
+    """Sample ``n`` positions without replacement, **in sampling order**.
 
     Perturbing ``log a`` with i.i.d. Gumbel noise and taking the top ``n`` keys, largest first,
     is distributed exactly like drawing ``n`` times sequentially from ``a`` without replacement
     (renormalising after each draw): the argmax is the first draw, the next-largest the second,
     and so on. The order is part of the sample; it is never sorted by position.
+
+    Parameters
+    ----------
+    probabilities : Tensor
+        ``(B, K)`` distributions.
+    n : int
+        Draws per row, at most ``K``.
+    generator : torch.Generator, optional
+        Source of the Gumbel noise (on the probabilities' device).
+
+    Returns
+    -------
+    Tensor
+        ``(B, n)`` int64 positions, first drawn first.
     """
     if n > probabilities.shape[1]:
         raise ValueError(f"cannot draw {n} positions without replacement from {probabilities.shape[1]}")
@@ -123,6 +137,40 @@ def gumbel_top_k(
     u = u.clamp(min=tiny, max=1.0 - torch.finfo(dtype).eps)
     keys = probabilities.to(dtype).log() - torch.log(-torch.log(u))
     return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
+
+
+def _restricted(attention: Tensor, visible: Callable[[Tensor, int], Tensor] | None,
+                level: int) -> Tensor:
+    """``attention`` times ``visible(attention, level)``, each map renormalised.
+
+    A map whose mask is zero everywhere (it shows nothing of the slide) is only renormalised.
+    """
+    if visible is None:
+        return attention
+    mask = visible(attention, level).to(device=attention.device, dtype=attention.dtype)
+    if tuple(mask.shape) != tuple(attention.shape):
+        raise ValueError(f"visible returned a {tuple(mask.shape)} mask for attention "
+                         f"{tuple(attention.shape)}")
+    shows = (mask.flatten(1) != 0).any(dim=1)
+    if not bool(shows.all()):
+        mask = torch.where(shows.reshape((-1,) + (1,) * (mask.dim() - 1)), mask,
+                           torch.ones_like(mask))
+    masked = attention * mask
+    return masked / masked.sum(dim=(-2, -1), keepdim=True)
+
+
+def _check_draws(attention: Tensor, n: int, replace: bool, what: str) -> None:
+    """Raise if a draw of ``n`` without replacement needs more than a map's non-zero positions."""
+    positions = int((attention > 0).flatten(1).sum(dim=1).min())
+    if not replace and n > positions:
+        raise ValueError(f"cannot draw {n} distinct {what} from {positions} positions")
+
+
+def _checked(images: Tensor, expected: tuple[int, ...], what: str, view: Tensor) -> Tensor:
+    """Check a reader callback's output shape; return it on the view's device and dtype."""
+    if tuple(images.shape) != expected:
+        raise ValueError(f"{what} returned {tuple(images.shape)}, expected {expected}")
+    return images.to(device=view.device, dtype=view.dtype)
 
 
 class AttentionSampling(nn.Module):
@@ -150,29 +198,52 @@ class AttentionSampling(nn.Module):
 
     @classmethod
     def from_config(cls, config: ATSConfig | dict) -> AttentionSampling:
+        """A fresh model for ``config`` (an :class:`ATSConfig` or its :meth:`~ATSConfig.to_dict`)."""
         return cls(config if isinstance(config, ATSConfig) else ATSConfig.from_dict(config))
 
     # -- parameter groups (two optimizers in REINFORCE training) ------------------------------
     def attention_parameters(self) -> Iterator[nn.Parameter]:
+        """The attention networks' parameters (the view's and, two-level, the regions')."""
         yield from self.attention_net.parameters()
         if self.region_attention_net is not None:
             yield from self.region_attention_net.parameters()
 
     def classifier_parameters(self) -> Iterator[nn.Parameter]:
+        """The feature network's and the classifier's parameters."""
         yield from self.feature_net.parameters()
         yield from self.classifier.parameters()
 
     # -- the pieces the engine calls ----------------------------------------------------------
     def attention(self, view: Tensor) -> Tensor:
-        """``view (B, 3, h, w)`` in ``[0, 1]`` → attention ``(B, h, w)``, each map summing to 1.
+        """The view's attention: a softmax over all positions, each map summing to 1.
 
-        Softmax over all positions (computed in at least float32), mixed with the uniform
-        distribution by ``config.epsilon``.
+        Computed in at least float32, mixed with the uniform distribution by ``config.epsilon``.
+
+        Parameters
+        ----------
+        view : Tensor
+            ``(B, 3, h, w)`` float RGB in ``[0, 1]``.
+
+        Returns
+        -------
+        Tensor
+            ``(B, h, w)``.
         """
         return self._distribution(self.attention_net, view)
 
     def region_attention(self, regions: Tensor) -> Tensor:
-        """Two-level: ``regions (M, 3, R, R)`` → attention ``(M, R, R)`` inside each region."""
+        """Two-level: the attention inside each region, as :meth:`attention` for the view.
+
+        Parameters
+        ----------
+        regions : Tensor
+            ``(M, 3, R, R)`` float RGB in ``[0, 1]``.
+
+        Returns
+        -------
+        Tensor
+            ``(M, R, R)``.
+        """
         if self.region_attention_net is None:
             raise ValueError(f"{self.config.name} is a one-level model: it has no region attention")
         return self._distribution(self.region_attention_net, regions)
@@ -223,11 +294,24 @@ class AttentionSampling(nn.Module):
     def positions_to_centres(
         indices: Tensor, att_shape: tuple[int, int], view_shape: tuple[int, int] | None = None
     ) -> Tensor:
-        """Flat positions ``(B, n)`` → centres ``(B, n, 2)`` as view-normalised ``(x, y)`` in [0, 1].
+        """Flat positions → centres as view-normalised ``(x, y)`` in ``[0, 1]``.
 
         The attention grid ``(h', w')`` spans the view uniformly, so the centre of cell
-        ``(r, c)`` is ``((c + 0.5) / w', (r + 0.5) / h')`` whatever the view's pixel size;
-        ``view_shape`` is accepted for the engine's convenience (and checked for a sane aspect).
+        ``(r, c)`` is ``((c + 0.5) / w', (r + 0.5) / h')`` whatever the view's pixel size.
+
+        Parameters
+        ----------
+        indices : Tensor
+            ``(B, n)`` flat positions ``r * w' + c``.
+        att_shape : tuple of int
+            ``(h', w')`` of the attention grid.
+        view_shape : tuple of int, optional
+            ``(h, w)`` of the view, only checked (the grid may not be finer).
+
+        Returns
+        -------
+        Tensor
+            ``(B, n, 2)`` in the default dtype.
         """
         hp, wp = int(att_shape[0]), int(att_shape[1])
         if view_shape is not None:
@@ -336,7 +420,7 @@ class AttentionSampling(nn.Module):
     def forward(
         self,
         view: Tensor,
-        read_patches: Callable[[Tensor], Tensor],
+        read_patches: Callable[..., Tensor],
         generator: torch.Generator | None = None,
         *,
         n: int | None = None,
@@ -344,74 +428,86 @@ class AttentionSampling(nn.Module):
         baseline: Tensor | float | None = None,
         attention_grad: bool = True,
         read_regions: Callable[[Tensor], Tensor] | None = None,
+        visible: Callable[[Tensor, int], Tensor] | None = None,
+        strict: bool = False,
     ) -> ATSOutput:
-        """Attention → sample → read patches → classify; see :class:`ATSOutput`.
+        """Attention → mask → sample → read → classify: the one pipeline of inference and training.
 
-        ``read_patches(centres (B, n, 2)) -> (B * n, 3, P, P)``; ``n`` and ``replace`` default
-        to the config's. A two-level model also needs
-        ``read_regions(centres (B, N1, 2)) -> (B * N1, 3, R, R)``, and then calls
-        ``read_patches(region_centres (B, N1, 2), patch_centres (B * N1, N2, 2))`` with the
-        patch centres region-normalised; ``n`` is then the patches per region.
+        The caller supplies the slide through callbacks, so the same code serves a Magnify run
+        (one slide, :func:`~.magnify.magnify_attention_sampling`) and a training step (a batch
+        of augmented slides, :class:`~.training.ATSTask`); both get their reads from
+        :class:`~.reads.SlideReads`.
+
+        Parameters
+        ----------
+        view : Tensor
+            ``(B, 3, h, w)`` float RGB in ``[0, 1]``.
+        read_patches : callable
+            One level: ``read_patches(centres (B, n, 2)) -> (B * n, 3, P, P)``. Two-level:
+            ``read_patches(region_centres (B, N1, 2), patch_centres (B * N1, N2, 2))`` with the
+            patch centres region-normalised, returning ``(B * N1 * N2, 3, P, P)`` region-major.
+        generator : torch.Generator, optional
+            Drives every draw (the view's first, then the regions'); on the view's device.
+        n : int, optional
+            Patches drawn (per region when two-level); default ``config.n_patches``.
+        replace : bool, optional
+            Draw with replacement; default ``config.replace``.
+        baseline : Tensor or float, optional
+            Score-function baseline of the (outer) estimator; see :meth:`classify`.
+        attention_grad : bool
+            ``False`` detaches the attention from the estimator (REINFORCE training).
+        read_regions : callable, optional
+            Two-level only (then required): ``read_regions(centres (B, N1, 2)) ->
+            (B * N1, 3, R, R)``; it is called before ``visible(…, 2)``.
+        visible : callable, optional
+            ``visible(attention, level) -> mask`` of ``attention``'s shape, non-zero where a
+            position shows the slide; ``level`` is 1 for the view's attention ``(B, h', w')``
+            and 2 for the regions' ``(B * N1, R', R')``. Every map is multiplied by its mask
+            and renormalised before anything is drawn from it. ``None``: no masking.
+        strict : bool
+            Raise when a draw without replacement asks for more positions than a (masked)
+            map has with non-zero attention (Magnify does; training samples regardless).
+
+        Returns
+        -------
+        ATSOutput
+            Logits, probabilities, the (masked) attention maps, the draws (indices, their
+            attention and log-probabilities, centres), features and patches; two-level also
+            the regions' attention, draws and centres.
         """
-        if self.config.two_level:
-            return self._forward_two_level(view, read_regions, read_patches, generator, n=n,
-                                           replace=replace, baseline=baseline,
-                                           attention_grad=attention_grad)
-        n = self.config.n_patches if n is None else n
-        replace = self.config.replace if replace is None else replace
-        att = self.attention(view)
-        self._last_view_shape = (int(view.shape[-2]), int(view.shape[-1]))
-        indices, sampled = self.sample(att, n, replace, generator)
-        centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(view.device)
-        patches = read_patches(centres)
-        p = self.config.patch_size
-        expected = (view.shape[0] * n, 3, p, p)
-        if tuple(patches.shape) != expected:
-            raise ValueError(f"read_patches returned {tuple(patches.shape)}, expected {expected}")
-        patches = patches.to(device=view.device, dtype=view.dtype)
-        logits, features = self.classify(
-            patches, att, indices, replace=replace, baseline=baseline, attention_grad=attention_grad
-        )
-        log_q = draw_log_probs(sampled, replace)
-        return ATSOutput(
-            logits=logits,
-            probabilities=torch.softmax(logits, dim=1),
-            attention=att,
-            indices=indices,
-            sampled_attention=sampled,
-            draw_log_probs=log_q,
-            centres=centres,
-            features=features,
-            patches=patches,
-        )
-
-    def _forward_two_level(self, view, read_regions, read_patches, generator, *, n, replace,
-                           baseline, attention_grad) -> ATSOutput:
-        if read_regions is None:
-            raise ValueError(f"{self.config.name} is two-level: pass read_regions as well")
         cfg = self.config
-        n2 = cfg.n_patches if n is None else n
+        two = cfg.two_level
+        if two and read_regions is None:
+            raise ValueError(f"{cfg.name} is two-level: pass read_regions as well")
+        n = cfg.n_patches if n is None else int(n)
         replace = cfg.replace if replace is None else replace
         b = view.shape[0]
-        att = self.attention(view)
+        att = _restricted(self.attention(view), visible, 1)
         self._last_view_shape = (int(view.shape[-2]), int(view.shape[-1]))
-        indices, sampled = self.sample(att, cfg.n_regions, replace, generator)
+        first = cfg.n_regions if two else n
+        if strict:
+            _check_draws(att, first, replace, "regions" if two else "patches")
+        indices, sampled = self.sample(att, first, replace, generator)
         centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(view.device)
-        regions = read_regions(centres)
-        r = cfg.region_size
-        if tuple(regions.shape) != (b * cfg.n_regions, 3, r, r):
-            raise ValueError(f"read_regions returned {tuple(regions.shape)}, expected "
-                             f"{(b * cfg.n_regions, 3, r, r)}")
-        regions = regions.to(device=view.device, dtype=view.dtype)
-        region_att = self.region_attention(regions)
-        region_idx, region_sampled = self.sample(region_att, n2, replace, generator)
-        region_centres = self.positions_to_centres(region_idx, region_att.shape[-2:]).to(view.device)
-        patches = read_patches(centres, region_centres)
         p = cfg.patch_size
-        expected = (b * cfg.n_regions * n2, 3, p, p)
-        if tuple(patches.shape) != expected:
-            raise ValueError(f"read_patches returned {tuple(patches.shape)}, expected {expected}")
-        patches = patches.to(device=view.device, dtype=view.dtype)
+        if not two:
+            patches = _checked(read_patches(centres), (b * n, 3, p, p), "read_patches", view)
+            logits, features = self.classify(patches, att, indices, replace=replace,
+                                             baseline=baseline, attention_grad=attention_grad)
+            return ATSOutput(
+                logits=logits, probabilities=torch.softmax(logits, dim=1), attention=att,
+                indices=indices, sampled_attention=sampled,
+                draw_log_probs=draw_log_probs(sampled, replace), centres=centres,
+                features=features, patches=patches)
+        r = cfg.region_size
+        regions = _checked(read_regions(centres), (b * first, 3, r, r), "read_regions", view)
+        region_att = _restricted(self.region_attention(regions), visible, 2)
+        if strict:
+            _check_draws(region_att, n, replace, "patches per region")
+        region_idx, region_sampled = self.sample(region_att, n, replace, generator)
+        region_centres = self.positions_to_centres(region_idx, region_att.shape[-2:]).to(view.device)
+        patches = _checked(read_patches(centres, region_centres), (b * first * n, 3, p, p),
+                           "read_patches", view)
         logits, features = self.classify_two_level(
             patches, att, indices, region_att, region_idx, replace=replace, baseline=baseline,
             attention_grad=attention_grad)
@@ -428,8 +524,16 @@ class AttentionSampling(nn.Module):
         """RGB values the networks see per slide.
 
         One level: ``h * w * 3 + n * P * P * 3``; two-level adds the regions, ``N1 * R * R * 3``,
-        and counts ``N1 * N2`` patches. ``view_shape`` defaults to the last forward's view,
-        else ``view_size × view_size``.
+        and counts ``N1 * N2`` patches.
+
+        Parameters
+        ----------
+        view_shape : tuple of int, optional
+            ``(h, w)``; default the last forward's view, else ``view_size × view_size``.
+
+        Returns
+        -------
+        int
         """
         cfg = self.config
         if view_shape is None:
@@ -440,7 +544,18 @@ class AttentionSampling(nn.Module):
 
 
 def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
-    """Construct a model from a name in :data:`ATS_CONFIGS` or from a config."""
+    """Construct a model from a name in :data:`ATS_CONFIGS` or from a config.
+
+    Parameters
+    ----------
+    name_or_config : str or ATSConfig
+        A registered name or a configuration.
+
+    Returns
+    -------
+    AttentionSampling
+        With fresh (random) weights.
+    """
     if isinstance(name_or_config, str):
         try:
             config = ATS_CONFIGS[name_or_config]()

@@ -15,6 +15,8 @@ import torch
 from napari_magnet.models.ats import estimators as est
 from napari_magnet.models.ats import gumbel_top_k
 
+from . import _reference as ref
+
 K, N, D = 5, 3, 2
 DT = torch.float64
 THETA = torch.tensor([0.3, -1.0, 0.8, 0.1, -0.4], dtype=DT)
@@ -104,7 +106,7 @@ def test_exact_enumeration_value_and_gradient_unbiased(name, epsilon):
 
 
 @pytest.mark.parametrize(
-    "biased", [est.published_expected_without_replacement, est.naive_expected_without_replacement]
+    "biased", [ref.published_expected_without_replacement, ref.naive_expected_without_replacement]
 )
 def test_published_and_naive_gradients_are_biased(biased):
     true_val, true_gt, true_gf = true_value_and_grads()
@@ -124,8 +126,8 @@ def test_enumeration_figures():
     """The numbers behind the report: true vs ours vs published (θ-gradient of v·Σ a f)."""
     _, true_gt, _ = true_value_and_grads()
     _, _, ours, _ = enumerate_expectation(est.expected_without_replacement, replace=False)
-    _, _, pub, _ = enumerate_expectation(est.published_expected_without_replacement, replace=False)
-    _, _, naive, _ = enumerate_expectation(est.naive_expected_without_replacement, replace=False)
+    _, _, pub, _ = enumerate_expectation(ref.published_expected_without_replacement, replace=False)
+    _, _, naive, _ = enumerate_expectation(ref.naive_expected_without_replacement, replace=False)
     expected_true = torch.tensor([0.7882, -0.2258, -0.7475, 0.0269, 0.1582], dtype=DT)
     torch.testing.assert_close(true_gt, expected_true, rtol=0, atol=1e-4)
     assert (ours - true_gt).abs().max() < 1e-10
@@ -309,7 +311,7 @@ def test_reinforce_moves_attention_to_rewarded_position(replace):
         with torch.no_grad():
             idx = torch.multinomial(a, n, True, generator=g) if replace else gumbel_top_k(a, n, g)
         r = (idx == target).any(dim=1).float()
-        est.reinforce_step(opt, est.draw_log_probs(a.gather(1, idx), replace), r, baseline, a, 1e-3)
+        ref.reinforce_step(opt, est.draw_log_probs(a.gather(1, idx), replace), r, baseline, a, 1e-3)
     p = theta.softmax(0).detach()
     assert int(p.argmax()) == target
     assert float(p[target]) > 1.03 / k

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_magnet.models.ats import estimators as est
 from napari_magnet.models.ats import (
     ATS_CONFIGS,
     ATSConfig,
@@ -20,6 +19,9 @@ from napari_magnet.models.ats import (
     AttentionSampling,
     build_ats,
 )
+from napari_magnet.models.ats import estimators as est
+
+from . import _reference as ref
 
 
 def crop_reader(image: torch.Tensor, patch: int):
@@ -128,11 +130,11 @@ def test_attention_is_a_distribution_with_epsilon_floor():
 
 def test_networks_match_the_design():
     m = AttentionSampling(ATSConfig(feature_dim=12))
-    convs = [l for l in m.attention_net.modules() if isinstance(l, torch.nn.Conv2d)]
-    bns = [l for l in m.attention_net.modules() if isinstance(l, torch.nn.BatchNorm2d)]
+    convs = [layer for layer in m.attention_net.modules() if isinstance(layer, torch.nn.Conv2d)]
+    bns = [layer for layer in m.attention_net.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
     assert [c.out_channels for c in convs] == [8, 8, 8, 1]
     assert all(c.kernel_size == (3, 3) for c in convs) and len(bns) == 3
-    fconvs = [l for l in m.feature_net.modules() if isinstance(l, torch.nn.Conv2d)]
+    fconvs = [layer for layer in m.feature_net.modules() if isinstance(layer, torch.nn.Conv2d)]
     assert [c.out_channels for c in fconvs] == [16] * 4
     feats = m.feature_net(torch.rand(5, 3, 20, 20))
     assert feats.shape == (5, 12)
@@ -379,6 +381,65 @@ def test_two_level_forward_reads_regions_then_patches_inside_them():
         m(view, read_patches)
 
 
+@pytest.mark.parametrize("two_level", [False, True])
+def test_forward_masks_every_attention_map_before_drawing(two_level):
+    """``visible(attention, level)`` masks the view's maps (level 1) and, after the regions are
+    read, the regions' (level 2); the masked maps are distributions and nothing is drawn
+    outside them. A map whose mask is all zero is only renormalised."""
+    torch.manual_seed(0)
+    cfg = ATSConfig(patch_size=6, n_patches=3, feature_dim=5, two_level=two_level, n_regions=2,
+                    region_size=12, region_level_scale=2.0, patch_level_scale=1.0)
+    m = AttentionSampling(cfg)
+    image = torch.rand(3, 96, 96)
+    view = F.interpolate(image[None], size=(16, 16), mode="area").expand(2, -1, -1, -1).contiguous()
+    calls = []
+
+    def visible(attention, level):
+        calls.append((level, tuple(attention.shape)))
+        mask = torch.zeros_like(attention)
+        if level == 1:
+            mask[:, :, :8] = 1  # the left half of the view shows the slide
+        else:
+            mask[0, :4, :4] = 1  # the first region shows a corner, the others nothing
+        return mask
+
+    def read_patches(centres, patch_centres=None):
+        return torch.rand(2 * 3 * (2 if two_level else 1), 3, 6, 6)
+
+    read_regions = (lambda centres: torch.rand(4, 3, 12, 12)) if two_level else None
+    out = m(view, read_patches, torch.Generator().manual_seed(3), read_regions=read_regions,
+            visible=visible)
+    assert [level for level, _ in calls] == ([1, 2] if two_level else [1])
+    torch.testing.assert_close(out.attention.sum(dim=(1, 2)), torch.ones(2))
+    assert float(out.attention.detach()[:, :, 8:].abs().sum()) == 0
+    assert (out.centres[..., 0] < 0.5).all()
+    if two_level:
+        ra = out.region_attention.detach()
+        torch.testing.assert_close(ra.sum(dim=(1, 2)), torch.ones(4))
+        assert float(ra[0].sum() - ra[0, :4, :4].sum()) == 0
+        assert (out.region_centres[0] < 4 / 12).all()
+        assert (ra[1:] > 0).all()  # nothing visible: left whole
+    with pytest.raises(ValueError, match="mask"):
+        m(view, read_patches, read_regions=read_regions,
+          visible=lambda attention, level: torch.ones(1, 2, 3))
+
+
+def test_strict_forward_refuses_more_distinct_draws_than_visible_positions():
+    m = AttentionSampling(ATSConfig(patch_size=4, n_patches=3))
+    view = torch.rand(1, 3, 8, 8)
+
+    def two_cells(attention, level):
+        mask = torch.zeros_like(attention)
+        mask[0, 0, :2] = 1
+        return mask
+
+    read = lambda centres: torch.zeros(centres.shape[0] * centres.shape[1], 3, 4, 4)  # noqa: E731
+    with pytest.raises(ValueError, match="cannot draw 3 distinct patches from 2 positions"):
+        m(view, read, visible=two_cells, strict=True)
+    assert m(view, read, visible=two_cells).indices.shape == (1, 3)  # training draws anyway
+    assert m(view, read, visible=two_cells, n=2, strict=True).indices.shape == (1, 2)
+
+
 # ---------------------------------------------------------------------------- REINFORCE
 
 
@@ -386,7 +447,7 @@ def test_reinforce_trainer_step_updates_both_parameter_groups():
     torch.manual_seed(0)
     cfg = ATSConfig(patch_size=8, n_patches=3, feature_dim=6)
     m = AttentionSampling(cfg)
-    trainer = est.ReinforceTrainer(m, entropy_weight=1e-2)
+    trainer = ref.ReinforceTrainer(m, entropy_weight=1e-2)
     assert trainer.attention_optimizer.defaults["betas"] == (0.999, 0.999)
     assert trainer.attention_optimizer.defaults["lr"] == 1e-3
     assert trainer.classifier_optimizer.defaults["lr"] == 1e-3
