@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_magnet.engine.frames import child_frames, slide_frame
+from napari_magnet.engine.frames import slide_frame
 from napari_magnet.engine.regions import RegionReader
 from napari_magnet.slide import open_slide
 
@@ -44,22 +44,6 @@ def test_regions_are_read_from_the_coarsest_sufficient_level(ndpi_path):
         paper = RegionReader(slide, rule="paper")
         assert paper.read(frame, 112, visible).levels.tolist() == [6]
         paper.close()
-
-
-def test_child_frames_follow_theta_and_stay_inside_parent():
-    frames = np.array([[0.0, 0.0, 1000.0, 1000.0]])
-    visible = np.array([[100.0, 0.0, 900.0, 1000.0]])
-    theta = np.array([[[[1, 0, 0], [0, 1, 0]],            # identity: same frame
-                       [[0.25, 0, 0.5], [0, 0.25, -0.5]],  # quarter size, right-top
-                       [[0.1, 0, -0.95], [0, 0.1, 0]]]],   # crosses the parent's left edge
-                     dtype=float)
-    child, child_visible = child_frames(frames, visible, theta)
-    np.testing.assert_allclose(child[0], frames[0])
-    np.testing.assert_allclose(child_visible[0], visible[0])
-    np.testing.assert_allclose(child[1], [625, 125, 875, 375])
-    assert child_visible[2][0] == pytest.approx(100.0)
-    assert (child_visible[:, :2] >= visible[0, :2] - 1e-9).all()
-    assert (child_visible[:, 2:] <= visible[0, 2:] + 1e-9).all()
 
 
 def test_parallel_reads_equal_serial_reads(cmu_path):

@@ -13,7 +13,13 @@ from napari_magnet.engine.training import TrainOptions
 from napari_magnet.models.augment import Dihedral
 from napari_magnet.models.registry import load_model
 
-from .helpers import letterboxed as _letterboxed
+from tests.engine.test_cohort import make_cohort
+from tests.engine.training.helpers import letterboxed as _letterboxed
+
+
+@pytest.fixture(scope="module")
+def cohort_csv(tmp_path_factory):
+    return make_cohort(tmp_path_factory)
 
 
 @pytest.mark.parametrize("k,flip", [(0, False), (1, False), (2, True), (3, True)])
