@@ -55,7 +55,7 @@ def sections() -> list[Section]:
     for name in MODELS:  # warm-up on the shared slide
         _run(slide, models[name])
     for rep in range(REPEATS):
-        order = list(MODELS[rep % len(MODELS):] + MODELS[:rep % len(MODELS)])
+        order = list(MODELS[rep % len(MODELS) :] + MODELS[: rep % len(MODELS)])
         for name in order:
             wall, cpu, result = _run(slide, models[name])
             walls[name].append(wall)
@@ -68,14 +68,19 @@ def sections() -> list[Section]:
     rows = []
     for name in MODELS:
         r = results[name]
-        rows.append([
-            f"`{name}`", f"{params[name]:,}", f"{wall[name]:.2f}",
-            f"{cpu[name]:.2f}", f"{wall[name] / wall[ref]:.2f}×",
-            f"{cold[name][0]:.2f} ({cold[name][1]} chunks)",
-            f"{r.pixels_processed:,}",
-            f"{r.pixels_processed / results[ref].pixels_processed:.2f}×",
-            f"{r.pixels_read:,}",
-        ])
+        rows.append(
+            [
+                f"`{name}`",
+                f"{params[name]:,}",
+                f"{wall[name]:.2f}",
+                f"{cpu[name]:.2f}",
+                f"{wall[name] / wall[ref]:.2f}×",
+                f"{cold[name][0]:.2f} ({cold[name][1]} chunks)",
+                f"{r.pixels_processed:,}",
+                f"{r.pixels_processed / results[ref].pixels_processed:.2f}×",
+                f"{r.pixels_read:,}",
+            ]
+        )
     ats_cfg = models["ats"].config
     two = models["ats-2level"].config
     notes = [
@@ -99,10 +104,23 @@ def sections() -> list[Section]:
         f"`magnet3-lite` (small backbones) takes {wall['magnet3-lite'] / wall[ref]:.2f}× "
         f"`magnet3`'s time for the same pixels processed.",
     ]
-    return [Section(
-        title="ATS vs MagNet — Magnify time and pixels on the generated slide",
-        goal="report Magnify time and pixels processed of `ats` (one and two levels) against "
-             "`magnet3` and `magnet3-lite`, in one run",
-        header=["model", "params", "wall s (median)", "CPU s (median)", "× magnet3 time",
-                "cold wall s", "pixels processed", "× magnet3 pixels", "pixels read"],
-        rows=rows, notes=notes)]
+    return [
+        Section(
+            title="ATS vs MagNet — Magnify time and pixels on the generated slide",
+            goal="report Magnify time and pixels processed of `ats` (one and two levels) against "
+            "`magnet3` and `magnet3-lite`, in one run",
+            header=[
+                "model",
+                "params",
+                "wall s (median)",
+                "CPU s (median)",
+                "× magnet3 time",
+                "cold wall s",
+                "pixels processed",
+                "× magnet3 pixels",
+                "pixels read",
+            ],
+            rows=rows,
+            notes=notes,
+        )
+    ]

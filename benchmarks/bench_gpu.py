@@ -34,16 +34,24 @@ def run() -> list[Section] | None:
     section = Section(
         title="P3g — Magnify on the GPU (warm)",
         goal="magnet3 whole Magnify ≤ 50 ms warm on the GPU",
-        header=["model", "Magnify median (ms)", "min (ms)", "backbone alone 18×224² (ms)",
-                "ratio Magnify / backbone", "pixels read (RGB values)"],
+        header=[
+            "model",
+            "Magnify median (ms)",
+            "min (ms)",
+            "backbone alone 18×224² (ms)",
+            "ratio Magnify / backbone",
+            "pixels read (RGB values)",
+        ],
     )
     if not torch.cuda.is_available():
         recorded = Path(__file__).resolve().parent / "results" / "gpu.md"
         if recorded.exists() and "GPU " in recorded.read_text():
             return None  # keep the figures measured on a lent GPU
-        section.notes.append("No CUDA device on this machine: P3g not measured here. The CUDA "
-                             "code path is the same as the CPU one (device-agnostic) and is "
-                             "measured when a GPU is lent (see the note in the issue).")
+        section.notes.append(
+            "No CUDA device on this machine: P3g not measured here. The CUDA "
+            "code path is the same as the CPU one (device-agnostic) and is "
+            "measured when a GPU is lent (see the note in the issue)."
+        )
         return [section]
     from napari_magnet import load_model, magnify, open_slide
 
@@ -69,13 +77,19 @@ def run() -> list[Section] | None:
 
             backbone = statistics.median(_timed_runs(alone)) * 1000
         median = statistics.median(times) * 1000
-        section.rows.append([
-            name, f"{median:.1f}", f"{min(times) * 1000:.1f}",
-            "–" if backbone != backbone else f"{backbone:.1f}",
-            "–" if backbone != backbone else f"{median / backbone:.2f}",
-            f"{last['item'].pixels_read:,}",
-        ])
-    section.notes.append(f"Slide: generated {BIG_SIDE:,} × {BIG_SIDE:,} px synthetic slide; "
-                         f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}.")
+        section.rows.append(
+            [
+                name,
+                f"{median:.1f}",
+                f"{min(times) * 1000:.1f}",
+                "–" if backbone != backbone else f"{backbone:.1f}",
+                "–" if backbone != backbone else f"{median / backbone:.2f}",
+                f"{last['item'].pixels_read:,}",
+            ]
+        )
+    section.notes.append(
+        f"Slide: generated {BIG_SIDE:,} × {BIG_SIDE:,} px synthetic slide; "
+        f"device {torch.cuda.get_device_name(0)}; torch {torch.__version__}."
+    )
     slide.close()
     return [section]

@@ -70,8 +70,11 @@ def _child(out: Path, slide_path: Path) -> None:
 
         def check():
             elapsed = time.perf_counter() - start
-            if (until is None and elapsed >= seconds) or (until is not None and until()) \
-                    or elapsed > timeout:
+            if (
+                (until is None and elapsed >= seconds)
+                or (until is not None and until())
+                or elapsed > timeout
+            ):
                 loop.quit()
 
         poll = QTimer()
@@ -103,8 +106,12 @@ def _child(out: Path, slide_path: Path) -> None:
     viewer.reset_view()
     spin(2.0)  # first frame and its tiles
     avoid_triton_llvm_clash()
-    results: dict = {"slide": str(slide_path), "dimensions": [width, height],
-                     "model": MODEL, "device": "auto"}
+    results: dict = {
+        "slide": str(slide_path),
+        "dimensions": [width, height],
+        "model": MODEL,
+        "device": "auto",
+    }
     results["idle"] = measure(lambda: None, None, 3.0)
 
     widget.set_model(MODEL)
@@ -150,8 +157,12 @@ def _stats(gaps: list[float]) -> tuple[float, float, float, int]:
     g = np.asarray(gaps, dtype=float)
     if g.size == 0:
         return (float("nan"),) * 3 + (0,)  # type: ignore[return-value]
-    return (float(g.max()), float(np.percentile(g, 99)), float(np.median(g)),
-            int((g > GOAL_MS).sum()))
+    return (
+        float(g.max()),
+        float(np.percentile(g, 99)),
+        float(np.median(g)),
+        int((g > GOAL_MS).sum()),
+    )
 
 
 def run() -> list[Section]:
@@ -159,9 +170,16 @@ def run() -> list[Section]:
     section = Section(
         title="P5 — GUI responsiveness during Magnify and panning",
         goal=f"longest gap between ticks of a {TICK_MS} ms QTimer in the GUI thread "
-             f"≤ {GOAL_MS:.0f} ms",
-        header=["scenario", "max gap (ms)", "p99 (ms)", "median (ms)",
-                f"gaps > {GOAL_MS:.0f} ms", "wall (s)", "goal met"],
+        f"≤ {GOAL_MS:.0f} ms",
+        header=[
+            "scenario",
+            "max gap (ms)",
+            "p99 (ms)",
+            "median (ms)",
+            f"gaps > {GOAL_MS:.0f} ms",
+            "wall (s)",
+            "goal met",
+        ],
     )
     if not os.environ.get("DISPLAY") and not shutil.which("xvfb-run"):
         section.notes.append("SKIPPED: no DISPLAY and no xvfb-run")
@@ -173,20 +191,31 @@ def run() -> list[Section]:
             cmd = XVFB + cmd
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"P5 child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"P5 child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                f"{proc.stderr[-3000:]}"
+            )
         res = json.loads(out.read_text())
     labels = {
         "idle": "idle (reference)",
         "magnify_cold": f"Magnify {res['model']} (first run: model build, imports)",
         "magnify_warm": f"Magnify {res['model']} (second run, replaces the first's layers)",
         "pan": f"pan at level-0 zoom, {PAN_STEPS} steps of "
-               f"{res['pan']['step_level0_px']:.0f} px every {PAN_INTERVAL_MS} ms",
+        f"{res['pan']['step_level0_px']:.0f} px every {PAN_INTERVAL_MS} ms",
     }
     for key, label in labels.items():
         mx, p99, med, over = _stats(res[key]["gaps_ms"])
-        section.rows.append([label, f"{mx:.0f}", f"{p99:.0f}", f"{med:.1f}", str(over),
-                             f"{res[key]['wall_s']:.1f}", "yes" if mx <= GOAL_MS else "no"])
+        section.rows.append(
+            [
+                label,
+                f"{mx:.0f}",
+                f"{p99:.0f}",
+                f"{med:.1f}",
+                str(over),
+                f"{res[key]['wall_s']:.1f}",
+                "yes" if mx <= GOAL_MS else "no",
+            ]
+        )
     w, h = res["dimensions"]
     section.notes += [
         f"Slide: {w:,} × {h:,} px generated ({Path(res['slide']).name}; BIG_SIDE={BIG_SIDE}); "

@@ -40,18 +40,28 @@ CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "_NAPARI_MAGNET_BENCH_CHILD": "1"}
 
 def run_isolated(module: str) -> list[Section]:
     """Run ``module``'s ``sections()`` in a child process with :data:`CHILD_ENV`."""
-    code = ("import dataclasses, json, importlib\n"
-            f"m = importlib.import_module({module!r})\n"
-            "print('SECTIONS ' + json.dumps([dataclasses.asdict(s) for s in m.sections()]))\n")
+    code = (
+        "import dataclasses, json, importlib\n"
+        f"m = importlib.import_module({module!r})\n"
+        "print('SECTIONS ' + json.dumps([dataclasses.asdict(s) for s in m.sections()]))\n"
+    )
     env = dict(os.environ, **CHILD_ENV)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1800,
+    )
     sys.stderr.write(proc.stderr[-2000:])
     for line in proc.stdout.splitlines():
         if line.startswith("SECTIONS "):
-            return [Section(**d) for d in json.loads(line[len("SECTIONS "):])]
-    raise RuntimeError(f"{module} failed in its child process (rc {proc.returncode}):\n"
-                       f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+            return [Section(**d) for d in json.loads(line[len("SECTIONS ") :])]
+    raise RuntimeError(
+        f"{module} failed in its child process (rc {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 # ------------------------------------------------------------------------------ timing
@@ -133,12 +143,10 @@ def instrumented(model, timer: StageTimer):
             module.__dict__.pop("forward", None)
 
 
-def run_magnify(slide, model, rule: str = "enough", timer: StageTimer | None = None,
-                **options):
+def run_magnify(slide, model, rule: str = "enough", timer: StageTimer | None = None, **options):
     """One whole Magnify: (wall and CPU seconds, MagnifyResult, stage timer, steps)."""
-    from napari_magnet import magnify
-
     import napari_magnet.engine.regions as regions
+    from napari_magnet import magnify
 
     timer = timer or StageTimer()
     steps = []
@@ -174,27 +182,37 @@ def backbone_seconds(model, batch) -> tuple[float, float]:
         return time.perf_counter() - start, time.process_time() - cpu
 
 
-def stage_rows(timers: list[StageTimer], backbone: tuple[float, float],
-               num_layers: int) -> list[list[str]]:
+def stage_rows(
+    timers: list[StageTimer], backbone: tuple[float, float], num_layers: int
+) -> list[list[str]]:
     """Median wall and CPU seconds per stage from several runs, against the backbone."""
+
     def med(key: str) -> tuple[float, float]:
-        return (statistics.median(t.seconds.get(key, 0.0) for t in timers),
-                statistics.median(t.cpu.get(key, 0.0) for t in timers))
+        return (
+            statistics.median(t.seconds.get(key, 0.0) for t in timers),
+            statistics.median(t.cpu.get(key, 0.0) for t in timers),
+        )
 
     wall = med("whole")
     rows = []
 
     def row(name: str, v: tuple[float, float]) -> None:
-        rows.append([name, f"{v[0]:.3f}", f"{v[0] / wall[0]:.0%}", f"{v[1]:.3f}",
-                     f"{v[0] / backbone[0]:.2f}×"])
+        rows.append(
+            [
+                name,
+                f"{v[0]:.3f}",
+                f"{v[0] / wall[0]:.0%}",
+                f"{v[1]:.3f}",
+                f"{v[0] / backbone[0]:.2f}×",
+            ]
+        )
 
     def minus(a, *bs):
         return tuple(max(a[i] - sum(b[i] for b in bs), 0.0) for i in (0, 1))
 
     row("region reading (RegionReader.read)", med("region reading"))
     for layer in range(1, num_layers + 1):
-        parts = [med(f"layer {layer}: {k}") for k in ("branch stacks", "θ (entmax15)",
-                                                        "sampling")]
+        parts = [med(f"layer {layer}: {k}") for k in ("branch stacks", "θ (entmax15)", "sampling")]
         for k, v in zip(("branch stacks", "θ (entmax15)", "sampling"), parts):
             row(f"layer {layer}: {k}", v)
         row(f"layer {layer}: grey filter + rest", minus(med(f"layer {layer}: total"), *parts))
@@ -204,10 +222,24 @@ def stage_rows(timers: list[StageTimer], backbone: tuple[float, float],
     accounted = [med("region reading"), med("aux heads"), med("classify")]
     accounted += [med(f"layer {lv}: total") for lv in range(1, num_layers + 1)]
     row("engine (frames, attention mass, records)", minus(wall, *accounted))
-    rows.append(["**whole Magnify**", f"**{wall[0]:.3f}**", "100%", f"{wall[1]:.3f}",
-                 f"**{wall[0] / backbone[0]:.2f}×**"])
-    rows.append(["backbone alone, 18 × 224² (anchor)", f"{backbone[0]:.3f}", "",
-                 f"{backbone[1]:.3f}", "1.00×"])
+    rows.append(
+        [
+            "**whole Magnify**",
+            f"**{wall[0]:.3f}**",
+            "100%",
+            f"{wall[1]:.3f}",
+            f"**{wall[0] / backbone[0]:.2f}×**",
+        ]
+    )
+    rows.append(
+        [
+            "backbone alone, 18 × 224² (anchor)",
+            f"{backbone[0]:.3f}",
+            "",
+            f"{backbone[1]:.3f}",
+            "1.00×",
+        ]
+    )
     return rows
 
 
@@ -245,7 +277,7 @@ def p3_time(path: Path) -> tuple[Section, dict]:
     result = None
     for rep in range(REPEATS):
         order = ["magnify", "backbone", "own"] + (["no aux"] if has_aux_option else [])
-        order = order[rep % len(order):] + order[:rep % len(order)]
+        order = order[rep % len(order) :] + order[: rep % len(order)]
         for what in order:
             if what == "magnify":
                 _, result, timer, _ = run_magnify(slide, model)
@@ -268,16 +300,32 @@ def p3_time(path: Path) -> tuple[Section, dict]:
         return (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
 
     backbone, own_backbone = med2(backbones), med2(own_backbones)
-    wall = (statistics.median(t.seconds["whole"] for t in timers),
-            statistics.median(t.cpu["whole"] for t in timers))
+    wall = (
+        statistics.median(t.seconds["whole"] for t in timers),
+        statistics.median(t.cpu["whole"] for t in timers),
+    )
     ratio, ratio_cpu = wall[0] / backbone[0], wall[1] / backbone[1]
     rows = stage_rows(timers, backbone, model.num_layers)
-    rows.append(["backbone alone on the run's own 18 patches", f"{own_backbone[0]:.3f}", "",
-                 f"{own_backbone[1]:.3f}", f"{own_backbone[0] / backbone[0]:.2f}×"])
+    rows.append(
+        [
+            "backbone alone on the run's own 18 patches",
+            f"{own_backbone[0]:.3f}",
+            "",
+            f"{own_backbone[1]:.3f}",
+            f"{own_backbone[0] / backbone[0]:.2f}×",
+        ]
+    )
     if no_aux:
         na = med2(no_aux)
-        rows.append(["whole Magnify with `aux_heads=False`", f"{na[0]:.3f}", "",
-                     f"{na[1]:.3f}", f"{na[0] / backbone[0]:.2f}×"])
+        rows.append(
+            [
+                "whole Magnify with `aux_heads=False`",
+                f"{na[0]:.3f}",
+                "",
+                f"{na[1]:.3f}",
+                f"{na[0] / backbone[0]:.2f}×",
+            ]
+        )
 
     def med(key):
         return statistics.median(t.seconds.get(key, 0.0) for t in timers)
@@ -319,24 +367,31 @@ def p3_time(path: Path) -> tuple[Section, dict]:
         "probabilities (ResNet-18 ≈ 1.8 GFLOPs per 224² image against InceptionV3's ≈ 5.7; "
         "the layer-3 head sees all 18 final patches, the layer-1 head 3 × 56²): without "
         f"them the run is ≈ {(wall[0] - aux) / backbone[0]:.2f}× the backbone"
-        + (f" (measured with `aux_heads=False`: {med2(no_aux)[0] / backbone[0]:.2f}×)"
-           if no_aux else "")
+        + (
+            f" (measured with `aux_heads=False`: {med2(no_aux)[0] / backbone[0]:.2f}×)"
+            if no_aux
+            else ""
+        )
         + ". After them come region reading and the layer-3 branch stacks; the rest is "
-        "small (see the table).")
+        "small (see the table)."
+    )
     info = {"result": result, "wall": wall[0], "backbone": backbone[0], "model": model}
     return Section(
         title="P3 — Magnify time vs the classifier backbone (magnet3, CPU)",
         goal="a whole Magnify of magnet3 ≤ 1.5× the InceptionV3 backbone alone on the same "
-             "18 × 224² batch",
+        "18 × 224² batch",
         header=["stage", "wall s (median)", "share of run", "CPU s (median)", "wall × backbone"],
-        rows=rows, notes=notes), info
+        rows=rows,
+        notes=notes,
+    ), info
 
 
 # ------------------------------------------------------------------------------ P4
 
 
-def tissue_tiles(path: Path, tile: int = DENSE_TILE,
-                 min_fraction: float = 0.5) -> tuple[int, int, float]:
+def tissue_tiles(
+    path: Path, tile: int = DENSE_TILE, min_fraction: float = 0.5
+) -> tuple[int, int, float]:
     """Dense tiling of the tissue at level 0: (tissue tiles, all tiles, tissue fraction).
 
     The mask is the grey filter's rule (max−min of RGB ≥ 15) on the finest level whose
@@ -356,7 +411,7 @@ def tissue_tiles(path: Path, tile: int = DENSE_TILE,
         band = 2048
         for y in range(0, h, band):
             rgb = slide.read_level(level, 0, y, w, min(band, h - y)).astype(np.int16)
-            mask[y:y + rgb.shape[0]] = (rgb.max(-1) - rgb.min(-1)) >= 15
+            mask[y : y + rgb.shape[0]] = (rgb.max(-1) - rgb.min(-1)) >= 15
         W0, H0 = slide.dimensions
     nx, ny = -(-W0 // tile), -(-H0 // tile)
     xb = np.minimum(np.round(np.arange(nx + 1) * tile / sx).astype(int), w)
@@ -364,8 +419,12 @@ def tissue_tiles(path: Path, tile: int = DENSE_TILE,
     integral = np.zeros((h + 1, w + 1), dtype=np.int64)
     integral[1:, 1:] = mask.cumsum(0).cumsum(1)
     area = ((yb[1:] - yb[:-1])[:, None] * (xb[1:] - xb[:-1])[None, :]).astype(float)
-    inside = (integral[yb[1:]][:, xb[1:]] - integral[yb[:-1]][:, xb[1:]]
-              - integral[yb[1:]][:, xb[:-1]] + integral[yb[:-1]][:, xb[:-1]])
+    inside = (
+        integral[yb[1:]][:, xb[1:]]
+        - integral[yb[:-1]][:, xb[1:]]
+        - integral[yb[1:]][:, xb[:-1]]
+        + integral[yb[:-1]][:, xb[:-1]]
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(area > 0, inside / area, 0.0)
     return int((frac >= min_fraction).sum()), nx * ny, float(mask.mean())
@@ -385,8 +444,10 @@ def _level_summary(slide, model, steps, rule: str) -> tuple[str, int]:
         longer = np.maximum(st.boxes[:, 2] - st.boxes[:, 0], st.boxes[:, 3] - st.boxes[:, 1])
         at = longer / np.asarray(slide.level_downsamples)[st.levels]
         levels = sorted(set(int(v) for v in st.levels))
-        parts.append(f"layer {layer} I' ({want}): level {'/'.join(map(str, levels))}, "
-                     f"{at.min():.0f}–{at.max():.0f} px")
+        parts.append(
+            f"layer {layer} I' ({want}): level {'/'.join(map(str, levels))}, "
+            f"{at.min():.0f}–{at.max():.0f} px"
+        )
         upsampled += int((at < want - 0.5).sum())
     return "; ".join(parts), upsampled
 
@@ -404,19 +465,28 @@ def p4_pixels(path: Path, result, model) -> Section:
             downsamples = slide.level_downsamples
         reads[rule] = (res.pixels_read, chunks, summary, upsampled)
     n_tiles, all_tiles, tissue = tissue_tiles(path)
-    dense = n_tiles * DENSE_TILE ** 2 * 3
+    dense = n_tiles * DENSE_TILE**2 * 3
     ours = result.pixels_processed
     rows = [
         ["MagNet-3 (ours, per run)", f"{ours:,}", "1", ""],
-        [f"dense tiling of the tissue at level 0 ({n_tiles:,} tiles of {DENSE_TILE}²)",
-         f"{dense:,}", f"{dense / ours:,.0f}×", ""],
+        [
+            f"dense tiling of the tissue at level 0 ({n_tiles:,} tiles of {DENSE_TILE}²)",
+            f"{dense:,}",
+            f"{dense / ours:,.0f}×",
+            "",
+        ],
     ]
     for rule in ("enough", "paper"):
         read, chunks, summary, upsampled = reads[rule]
-        rows.append([f"pixels read from the pyramid, rule=\"{rule}\"", f"{read:,}",
-                     f"{read / ours:.1f}×",
-                     f"{chunks:,} chunk{'s' if chunks != 1 else ''} decoded (cold); {summary}; "
-                     f"{upsampled} region(s) read below their I' size"])
+        rows.append(
+            [
+                f'pixels read from the pyramid, rule="{rule}"',
+                f"{read:,}",
+                f"{read / ours:.1f}×",
+                f"{chunks:,} chunk{'s' if chunks != 1 else ''} decoded (cold); {summary}; "
+                f"{upsampled} region(s) read below their I' size",
+            ]
+        )
     ratio = reads["paper"][0] / max(reads["enough"][0], 1)
     notes = [
         f"Pixels processed are RGB values the networks see (the paper's count): "
@@ -429,23 +499,27 @@ def p4_pixels(path: Path, result, model) -> Section:
         "from the file in a run on a freshly opened slide (each chunk = "
         f"{chunk_px * 3:,} RGB values). 'px' is a region's longer side at the level it was "
         f"read from (random weights: the regions are whatever the untrained stacks pick).",
-        f"rule=\"paper\" reads {ratio:.2f}× the pixels of rule=\"enough\". "
-        + ("On this slide the paper rule reads *fewer* pixels because it renders regions "
-           "below their I' size: its formula m = m_top − ⌊log2(slide/region)⌋ counts pyramid "
-           "levels as 2× steps (the paper's 9-level pyramid), but this slide's levels are "
-           f"{downsamples[1] / downsamples[0]:g}× apart, so each level step it takes is a "
-           "4× zoom and it lands on the coarsest level (upsampling) for regions between "
-           "½ and the whole slide."
-           if ratio < 1 else
-           "As the design says, the paper rule keeps a region at ½–1× the slide's top-level "
-           "size, more than I' needs."),
+        f'rule="paper" reads {ratio:.2f}× the pixels of rule="enough". '
+        + (
+            "On this slide the paper rule reads *fewer* pixels because it renders regions "
+            "below their I' size: its formula m = m_top − ⌊log2(slide/region)⌋ counts pyramid "
+            "levels as 2× steps (the paper's 9-level pyramid), but this slide's levels are "
+            f"{downsamples[1] / downsamples[0]:g}× apart, so each level step it takes is a "
+            "4× zoom and it lands on the coarsest level (upsampling) for regions between "
+            "½ and the whole slide."
+            if ratio < 1
+            else "As the design says, the paper rule keeps a region at ½–1× the slide's top-level "
+            "size, more than I' needs."
+        ),
     ]
     return Section(
         title="P4 — pixels per slide: Magnify vs dense tiling; pixels read per level rule",
         goal="report MagNet's pixels processed per slide against dense level-0 tiling of the "
-             "tissue, and pixels read under rule=\"enough\" vs rule=\"paper\"",
+        'tissue, and pixels read under rule="enough" vs rule="paper"',
         header=["what", "RGB values", "× ours processed", "notes"],
-        rows=rows, notes=notes)
+        rows=rows,
+        notes=notes,
+    )
 
 
 def sections() -> list[Section]:

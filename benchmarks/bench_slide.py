@@ -71,8 +71,13 @@ def tissue_mask(path: Path) -> tuple[np.ndarray, float]:
     return (rgb.max(-1) - rgb.min(-1)) >= 15, scale
 
 
-def pick_windows(path: Path, plan=WINDOW_PLAN, seed: int = 0, min_tissue: float = 0.9,
-                 mask: tuple[np.ndarray, float] | None = None) -> list[Window]:
+def pick_windows(
+    path: Path,
+    plan=WINDOW_PLAN,
+    seed: int = 0,
+    min_tissue: float = 0.9,
+    mask: tuple[np.ndarray, float] | None = None,
+) -> list[Window]:
     """Random ``WINDOW``² windows on tissue, half tile-aligned, half not, no two sharing a
     chunk of the same level (so every read in a repetition is cold)."""
     from napari_magnet.slide import open_slide
@@ -106,8 +111,11 @@ def pick_windows(path: Path, plan=WINDOW_PLAN, seed: int = 0, min_tissue: float 
                 y = int(rng.integers(1, lh - WINDOW))
                 if x % cw == 0 or y % ch == 0:
                     continue
-            touched = {(cy, cx) for cy in range(y // ch, (y + WINDOW - 1) // ch + 1)
-                       for cx in range(x // cw, (x + WINDOW - 1) // cw + 1)}
+            touched = {
+                (cy, cx)
+                for cy in range(y // ch, (y + WINDOW - 1) // ch + 1)
+                for cx in range(x // cw, (x + WINDOW - 1) // cw + 1)
+            }
             if touched & used:
                 continue
             if tissue is not None:
@@ -135,7 +143,7 @@ class OursReader:
         self.arrays = self.slide.pyramid
 
     def read(self, w: Window) -> np.ndarray:
-        return np.asarray(self.arrays[w.level][w.y:w.y + w.h, w.x:w.x + w.w])
+        return np.asarray(self.arrays[w.level][w.y : w.y + w.h, w.x : w.x + w.w])
 
     def close(self) -> None:
         self.slide.close()
@@ -152,8 +160,9 @@ class OpenSlideReader:
 
     def read(self, w: Window) -> np.ndarray:
         ds = self.downs[w.level]
-        image = self.osr.read_region((int(round(w.x * ds)), int(round(w.y * ds))), w.level,
-                                     (w.w, w.h))
+        image = self.osr.read_region(
+            (int(round(w.x * ds)), int(round(w.y * ds))), w.level, (w.w, w.h)
+        )
         return np.asarray(image.convert("RGB"))
 
     def close(self) -> None:
@@ -168,13 +177,14 @@ class NapariWSIReader:
         from napari_wsi.color_transform import ColorSpace
         from napari_wsi.common import open_store
 
-        self.store = open_store(path, backend=WSIReaderBackend.OPENSLIDE,
-                                color_space=ColorSpace.sRGB)
-        (data, _, _), = self.store.to_layer_data_tuples()
+        self.store = open_store(
+            path, backend=WSIReaderBackend.OPENSLIDE, color_space=ColorSpace.sRGB
+        )
+        ((data, _, _),) = self.store.to_layer_data_tuples()
         self.arrays = data
 
     def read(self, w: Window) -> np.ndarray:
-        return np.asarray(self.arrays[w.level][w.y:w.y + w.h, w.x:w.x + w.w])
+        return np.asarray(self.arrays[w.level][w.y : w.y + w.h, w.x : w.x + w.w])
 
     def close(self) -> None:
         self.store.close()
@@ -196,14 +206,15 @@ def _cold_pass(factory, windows: list[Window]) -> tuple[dict[str, float], float]
     return groups, opened
 
 
-def compare_cold(methods: dict, windows: list[Window], repeats: int
-                 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def compare_cold(
+    methods: dict, windows: list[Window], repeats: int
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Median seconds per (method, group) and per method in total, interleaved runs."""
     names = list(methods)
     samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     opens: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             groups, opened = _cold_pass(methods[name], windows)
             samples[name].append(groups)
             opens[name].append(opened)
@@ -224,8 +235,9 @@ def _fmt(v: float, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
-def _cold_rows(medians, windows, names: list[str], ratios: list[tuple[str, str]]
-               ) -> list[list[str]]:
+def _cold_rows(
+    medians, windows, names: list[str], ratios: list[tuple[str, str]]
+) -> list[list[str]]:
     groups = sorted({w.group for w in windows}, key=lambda g: (g[1], "unaligned" in g))
     rows = []
     for group in groups + ["total"]:
@@ -242,7 +254,7 @@ class OursDirectReader(OursReader):
     """Diagnostic: the same pyramid and cache without dask (``LevelReader.__getitem__``)."""
 
     def read(self, w: Window) -> np.ndarray:
-        return self.slide._readers[w.level][w.y:w.y + w.h, w.x:w.x + w.w]
+        return self.slide._readers[w.level][w.y : w.y + w.h, w.x : w.x + w.w]
 
 
 # ------------------------------------------------------------------------------ P1 / P1b
@@ -258,9 +270,12 @@ def p1_cold(path: Path, windows: list[Window], tissue_fraction: float):
         "ours (no dask)": lambda: OursDirectReader(path),
     }
     medians, opens = compare_cold(methods, windows, COLD_REPEATS)
-    rows = _cold_rows(medians, windows, ["ours", "openslide", "napari-wsi", "ours (no dask)"],
-                      [("ours", "openslide"), ("ours", "napari-wsi"),
-                       ("ours (no dask)", "openslide")])
+    rows = _cold_rows(
+        medians,
+        windows,
+        ["ours", "openslide", "napari-wsi", "ours (no dask)"],
+        [("ours", "openslide"), ("ours", "napari-wsi"), ("ours (no dask)", "openslide")],
+    )
     r_os = medians["openslide"]["total"] / medians["ours"]["total"]
     r_wsi = medians["napari-wsi"]["total"] / medians["ours"]["total"]
     r_direct = medians["openslide"]["total"] / medians["ours (no dask)"]["total"]
@@ -290,11 +305,22 @@ def p1_cold(path: Path, windows: list[Window], tissue_fraction: float):
     return medians, Section(
         title="P1 — cold window reads: ours vs OpenSlide vs napari-wsi",
         goal="ours ≥ 3× OpenSlide's MP/s on the tiled-TIFF family (cold reads of the same "
-             "tissue windows); report ours/napari-wsi",
-        header=["windows", "n", "MP", "ours MP/s", "OpenSlide MP/s", "napari-wsi MP/s",
-                "ours (no dask) MP/s", "ours/OpenSlide", "ours/napari-wsi",
-                "no-dask/OpenSlide"],
-        rows=rows, notes=notes)
+        "tissue windows); report ours/napari-wsi",
+        header=[
+            "windows",
+            "n",
+            "MP",
+            "ours MP/s",
+            "OpenSlide MP/s",
+            "napari-wsi MP/s",
+            "ours (no dask) MP/s",
+            "ours/OpenSlide",
+            "ours/napari-wsi",
+            "no-dask/OpenSlide",
+        ],
+        rows=rows,
+        notes=notes,
+    )
 
 
 def _graph_seconds(array, n: int = 10) -> float:
@@ -306,7 +332,7 @@ def _graph_seconds(array, n: int = 10) -> float:
     y, x = array.shape[0] // 2, array.shape[1] // 2
     start = time.perf_counter()
     for _ in range(n):
-        dask.optimize(array[y:y + h, x:x + w])
+        dask.optimize(array[y : y + h, x : x + w])
     return (time.perf_counter() - start) / n
 
 
@@ -325,9 +351,14 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
             page = backend._pages[0]
             tw, th = page.tilewidth, page.tilelength
             across = -(-page.imagewidth // tw)
-            tiles = sorted({(ty, tx) for w in level0
-                            for ty in range(w.y // th, (w.y + w.h - 1) // th + 1)
-                            for tx in range(w.x // tw, (w.x + w.w - 1) // tw + 1)})
+            tiles = sorted(
+                {
+                    (ty, tx)
+                    for w in level0
+                    for ty in range(w.y // th, (w.y + w.h - 1) // th + 1)
+                    for tx in range(w.x // tw, (w.x + w.w - 1) // tw + 1)
+                }
+            )
             start = time.perf_counter()
             for ty, tx in tiles:
                 backend._decode_tile(page, ty * across + tx)
@@ -341,20 +372,21 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
                 f"Per {tw}×{th} level-0 tissue tile ({len(tiles)} tiles, one after another): "
                 f"our decode (pread + imagecodecs JPEG) {decode * 1e3:.2f} ms; OpenSlide "
                 f"`read_region` of the same tile + RGB {osr_tile * 1e3:.2f} ms — the decoder "
-                f"alone is {osr_tile / decode:.1f}× faster than OpenSlide.")
+                f"alone is {osr_tile / decode:.1f}× faster than OpenSlide."
+            )
     # The fixed cost of one read through dask: a cached window, and the graph alone.
     with open_slide(path) as slide:
         arr, reader = slide.pyramid[0], slide._readers[0]
         y, x = arr.shape[0] // 2, arr.shape[1] // 2
-        np.asarray(arr[y:y + WINDOW, x:x + WINDOW])
+        np.asarray(arr[y : y + WINDOW, x : x + WINDOW])
         n = 20
         start = time.perf_counter()
         for _ in range(n):
-            np.asarray(arr[y:y + WINDOW, x:x + WINDOW])
+            np.asarray(arr[y : y + WINDOW, x : x + WINDOW])
         cached = (time.perf_counter() - start) / n
         start = time.perf_counter()
         for _ in range(n):
-            reader[y:y + WINDOW, x:x + WINDOW]
+            reader[y : y + WINDOW, x : x + WINDOW]
         direct = (time.perf_counter() - start) / n
         ours_graph = _graph_seconds(arr)
         blocks = arr.numblocks[0] * arr.numblocks[1]
@@ -366,8 +398,10 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
     groups = {g: [w for w in windows if w.group == g] for g in ("L0 aligned", "L0 unaligned")}
     per = {g: {m: medians[m][g] / len(ws) for m in medians} for g, ws in groups.items() if ws}
     budget = []
-    for g, label, tiles in (("L0 aligned", "an aligned window (1 tile)", 1),
-                            ("L0 unaligned", "an unaligned one (4 tiles)", 4)):
+    for g, label, tiles in (
+        ("L0 aligned", "an aligned window (1 tile)", 1),
+        ("L0 unaligned", "an unaligned one (4 tiles)", 4),
+    ):
         if g not in per:
             continue
         t = per[g]
@@ -375,8 +409,12 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
             f"{label}: ours {t['ours'] * 1e3:.1f} ms (no dask {t['ours (no dask)'] * 1e3:.1f}) "
             f"vs OpenSlide {t['openslide'] * 1e3:.1f} ms; 3× needs ≤ "
             f"{t['openslide'] / 3 * 1e3:.1f} ms"
-            + (f", of which decoding takes {tiles * decode * 1e3:.1f} ms serially"
-               if decode else ""))
+            + (
+                f", of which decoding takes {tiles * decode * 1e3:.1f} ms serially"
+                if decode
+                else ""
+            )
+        )
     notes.append(
         "Per-window budget at level 0 (medians): " + "; ".join(budget) + ". The fixed cost "
         f"of one `np.asarray(level0[y:y+h, x:x+w])` on a cached window is "
@@ -385,7 +423,8 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
         f"{ours_graph * 1e3:.2f} ms for our level 0 ({blocks:,} chunks) — the rest of the "
         f"cached-read cost is dask's threaded scheduler handing tasks to its pool and back — "
         f"and {wsi_graph * 1e3:.1f} ms for napari-wsi's (dask culls its whole level's graph "
-        f"on every read).")
+        f"on every read)."
+    )
     if per.get("L0 unaligned") and per.get("L0 aligned"):
         un, al = per["L0 unaligned"], per["L0 aligned"]
         notes.append(
@@ -398,7 +437,8 @@ def where_time_goes(path: Path, windows: list[Window], medians) -> list[str]:
             f"{os.cpu_count()} of them, while OpenSlide pays one call's overhead for the same "
             f"4 tiles: the lowest ratio ({un['openslide'] / un['ours']:.2f}×; "
             f"{un['openslide'] / un['ours (no dask)']:.2f}× without dask, where the 4 decodes "
-            f"run one after another).")
+            f"run one after another)."
+        )
     return notes
 
 
@@ -433,17 +473,27 @@ def p1_openslide_backend(path: Path, windows: list[Window], ndpi: Path | None) -
             "no dask": lambda p=p: OursDirectReader(p, backend="openslide"),
         }
         medians, _ = compare_cold(methods, wins, repeats)
-        for row in _cold_rows(medians, wins, ["ours (openslide)", "openslide", "no dask"],
-                              [("ours (openslide)", "openslide"), ("no dask", "openslide")]):
+        for row in _cold_rows(
+            medians,
+            wins,
+            ["ours (openslide)", "openslide", "no dask"],
+            [("ours (openslide)", "openslide"), ("no dask", "openslide")],
+        ):
             rows.append([label] + row)
-        results.append((label, medians["openslide"]["total"]
-                        / medians["ours (openslide)"]["total"],
-                        medians["openslide"]["total"] / medians["no dask"]["total"]))
+        results.append(
+            (
+                label,
+                medians["openslide"]["total"] / medians["ours (openslide)"]["total"],
+                medians["openslide"]["total"] / medians["no dask"]["total"],
+            )
+        )
     chunk_ours, chunk_raw = _backend_chunk_cost(path, windows)
     for label, ratio, direct in results:
         met = "met" if ratio >= 0.9 else "NOT met"
-        notes.append(f"{label}: ours/OpenSlide = {ratio:.2f}× overall — goal ≥ 0.9× "
-                     f"**{met}**; without dask {direct:.2f}×.")
+        notes.append(
+            f"{label}: ours/OpenSlide = {ratio:.2f}× overall — goal ≥ 0.9× "
+            f"**{met}**; without dask {direct:.2f}×."
+        )
     notes.append(
         "What holds it back: ours reads whole chunks (512², or the tile multiple ≥ 512) with "
         "one `read_region` each and assembles the window, so an unaligned 512² window asks "
@@ -452,17 +502,29 @@ def p1_openslide_backend(path: Path, windows: list[Window], ndpi: Path | None) -
         "pay that back; aligned windows, which cost the same OpenSlide work both ways, come "
         "closest to parity. Per aligned 512² chunk (fresh handles): our OpenSlide backend "
         f"{chunk_ours * 1e3:.2f} ms vs raw `read_region` + RGB {chunk_raw * 1e3:.2f} ms; the "
-        "rest of the gap is the dask read (P1's notes).")
+        "rest of the gap is the dask read (P1's notes)."
+    )
     notes.append(
         "NDPI stores strips (tile 3968 × 8 at level 0), so our chunks are 512² regions cut by "
-        "OpenSlide's decoder; napari-wsi would use OpenSlide's 8-row tiles as chunks.")
+        "OpenSlide's decoder; napari-wsi would use OpenSlide's 8-row tiles as chunks."
+    )
     return Section(
         title="P1 — cold window reads on the OpenSlide backend: ours vs raw OpenSlide",
-        goal="ours (forced onto OpenSlide) ≥ 0.9× raw OpenSlide for formats only OpenSlide "
-             "reads",
-        header=["slide", "windows", "n", "MP", "ours MP/s", "OpenSlide MP/s",
-                "ours (no dask) MP/s", "ours/OpenSlide", "no-dask/OpenSlide"],
-        rows=rows, notes=notes)
+        goal="ours (forced onto OpenSlide) ≥ 0.9× raw OpenSlide for formats only OpenSlide reads",
+        header=[
+            "slide",
+            "windows",
+            "n",
+            "MP",
+            "ours MP/s",
+            "OpenSlide MP/s",
+            "ours (no dask) MP/s",
+            "ours/OpenSlide",
+            "no-dask/OpenSlide",
+        ],
+        rows=rows,
+        notes=notes,
+    )
 
 
 def _backend_chunk_cost(path: Path, windows: list[Window]) -> tuple[float, float]:
@@ -475,7 +537,7 @@ def _backend_chunk_cost(path: Path, windows: list[Window]) -> tuple[float, float
     spots = [(w.x, w.y) for w in windows if w.level == 0 and w.aligned][:30]
     ours_t, raw_t = [], []
     for rep in range(2):
-        for which in (("ours", "raw") if rep == 0 else ("raw", "ours")):
+        for which in ("ours", "raw") if rep == 0 else ("raw", "ours"):
             if which == "ours":
                 backend = OpenSlideBackend(path, (255, 255, 255))
                 start = time.perf_counter()
@@ -505,11 +567,10 @@ def p1b_warm(path: Path, windows: list[Window]) -> Section:
         cache = ours.slide.cache
         hits0, misses0 = cache.hits, cache.misses
         times: dict[str, list[float]] = {"ours": [], "napari-wsi": [], "no dask": []}
-        readers = {"ours": ours.read, "napari-wsi": wsi.read,
-                   "no dask": lambda w: direct(ours, w)}
+        readers = {"ours": ours.read, "napari-wsi": wsi.read, "no dask": lambda w: direct(ours, w)}
         for rep in range(WARM_REPEATS):
             names = list(times)
-            for name in names[rep % 3:] + names[:rep % 3]:
+            for name in names[rep % 3 :] + names[: rep % 3]:
                 start = time.perf_counter()
                 for w in windows:
                     readers[name](w)
@@ -539,37 +600,67 @@ def p1b_warm(path: Path, windows: list[Window]) -> Section:
     t = {k: statistics.median(v) for k, v in times.items()}
     tv = {k: statistics.median(v) for k, v in viewer_times.items()}
     ratio, ratio_v = t["napari-wsi"] / t["ours"], tv["napari-wsi"] / tv["ours"]
-    rows.append(["plain dask arrays (as specified)", str(len(windows)), _fmt(mp, 1),
-                 _fmt(mp / t["ours"], 0), _fmt(mp / t["napari-wsi"], 1), _fmt(ratio, 1) + "×"])
-    rows.append(["with napari's dask cache (as in the viewer)", str(len(windows)),
-                 _fmt(mp, 1), _fmt(mp / tv["ours"], 0), _fmt(mp / tv["napari-wsi"], 1),
-                 _fmt(ratio_v, 1) + "×"])
-    rows.append(["ours without dask (diagnostic) vs plain napari-wsi", str(len(windows)),
-                 _fmt(mp, 1), _fmt(mp / t["no dask"], 0), _fmt(mp / t["napari-wsi"], 1),
-                 _fmt(t["napari-wsi"] / t["no dask"], 1) + "×"])
+    rows.append(
+        [
+            "plain dask arrays (as specified)",
+            str(len(windows)),
+            _fmt(mp, 1),
+            _fmt(mp / t["ours"], 0),
+            _fmt(mp / t["napari-wsi"], 1),
+            _fmt(ratio, 1) + "×",
+        ]
+    )
+    rows.append(
+        [
+            "with napari's dask cache (as in the viewer)",
+            str(len(windows)),
+            _fmt(mp, 1),
+            _fmt(mp / tv["ours"], 0),
+            _fmt(mp / tv["napari-wsi"], 1),
+            _fmt(ratio_v, 1) + "×",
+        ]
+    )
+    rows.append(
+        [
+            "ours without dask (diagnostic) vs plain napari-wsi",
+            str(len(windows)),
+            _fmt(mp, 1),
+            _fmt(mp / t["no dask"], 0),
+            _fmt(mp / t["napari-wsi"], 1),
+            _fmt(t["napari-wsi"] / t["no dask"], 1) + "×",
+        ]
+    )
     met = "met" if ratio >= 20 else "NOT met"
-    notes.append(f"Goal ≥ 20× on re-reads of plain dask arrays: **{met}** ({ratio:.1f}×). "
-                 f"Median of {WARM_REPEATS} interleaved passes after one untimed cold pass.")
-    notes.append(f"Our chunk cache during the warm passes: {hits} hits, {misses} misses; it "
-                 f"held {cache_bytes / 2**20:.0f} MiB of its {cache_max / 2**20:.0f} MiB bound "
-                 f"(every chunk the windows touch). napari-wsi re-decodes each tile (OpenSlide's "
-                 f"own tile cache is 32 MiB by default, far less than the windows touch).")
+    notes.append(
+        f"Goal ≥ 20× on re-reads of plain dask arrays: **{met}** ({ratio:.1f}×). "
+        f"Median of {WARM_REPEATS} interleaved passes after one untimed cold pass."
+    )
+    notes.append(
+        f"Our chunk cache during the warm passes: {hits} hits, {misses} misses; it "
+        f"held {cache_bytes / 2**20:.0f} MiB of its {cache_max / 2**20:.0f} MiB bound "
+        f"(every chunk the windows touch). napari-wsi re-decodes each tile (OpenSlide's "
+        f"own tile cache is 32 MiB by default, far less than the windows touch)."
+    )
     notes.append(
         ("What holds it back: " if ratio < 20 else "Where the time goes: ")
         + f"a cached re-read through dask costs {t['ours'] / len(windows) * 1e3:.2f} ms per "
         f"window against {t['no dask'] / len(windows) * 1e3:.3f} ms for the same cache without "
         f"dask (dask's graph and threaded scheduler: the third row); napari-wsi's re-read "
         f"costs {t['napari-wsi'] / len(windows) * 1e3:.1f} ms per window (OpenSlide decodes "
-        f"its tiles again, and dask culls its whole level's graph on every read).")
+        f"its tiles again, and dask culls its whole level's graph on every read)."
+    )
     notes.append(
         "Second row: napari's viewer wraps dask layers in its opportunistic dask cache "
         "(cachey, 25% of RAM by default), which also keeps napari-wsi's decoded chunks; in "
-        "the viewer the gap is the second row's, not the first's.")
+        "the viewer the gap is the second row's, not the first's."
+    )
     return Section(
         title="P1b — warm re-reads (panning back): ours vs napari-wsi",
         goal="ours ≥ 20× napari-wsi on re-reads of the same windows with the same open slide",
         header=["setting", "windows", "MP", "ours MP/s", "napari-wsi MP/s", "ours/napari-wsi"],
-        rows=rows, notes=notes)
+        rows=rows,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------ P2
@@ -642,20 +733,27 @@ def _gui_cmd(args: list[str]) -> list[str]:
 def first_frame_trial(which: str, path: Path) -> dict:
     env = dict(os.environ)
     env.setdefault("QT_QPA_PLATFORM", "xcb")
-    proc = subprocess.run(_gui_cmd([which, str(path)]), capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        _gui_cmd([which, str(path)]), capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"first-frame trial {which} failed (rc {proc.returncode}):\n"
-                       f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(
+        f"first-frame trial {which} failed (rc {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
 
 
 def p2_first_frame(path: Path) -> Section:
     if not os.environ.get("DISPLAY") and not shutil.which("xvfb-run"):
-        return Section("P2 — time to the first rendered frame in napari",
-                       "≤ 1 s, not slower than napari-wsi",
-                       ["viewer"], [], ["SKIPPED: no DISPLAY and no xvfb-run"])
+        return Section(
+            "P2 — time to the first rendered frame in napari",
+            "≤ 1 s, not slower than napari-wsi",
+            ["viewer"],
+            [],
+            ["SKIPPED: no DISPLAY and no xvfb-run"],
+        )
     results: dict[str, list[dict]] = {"ours": [], "napari-wsi": []}
     for trial in range(FRAME_TRIALS):
         order = ["ours", "napari-wsi"] if trial % 2 == 0 else ["napari-wsi", "ours"]
@@ -666,9 +764,16 @@ def p2_first_frame(path: Path) -> Section:
     rows = []
     for which in ("ours", "napari-wsi"):
         r = results[which]
-        rows.append([which, _fmt(add[which]), _fmt(med[which]),
-                     ", ".join(_fmt(x["first_frame"]) for x in r),
-                     str(r[-1]["level"]), "×".join(map(str, r[-1]["canvas"]))])
+        rows.append(
+            [
+                which,
+                _fmt(add[which]),
+                _fmt(med[which]),
+                ", ".join(_fmt(x["first_frame"]) for x in r),
+                str(r[-1]["level"]),
+                "×".join(map(str, r[-1]["canvas"])),
+            ]
+        )
     ok = med["ours"] <= 1.0 and med["ours"] <= med["napari-wsi"]
     steps = first_frame_trial("ours-steps", path)
     marks, prev, parts = steps["steps"], 0.0, []
@@ -681,7 +786,7 @@ def p2_first_frame(path: Path) -> Section:
         f"(ours {med['ours']:.2f} s, napari-wsi {med['napari-wsi']:.2f} s, ratio "
         f"{med['napari-wsi'] / med['ours']:.2f}×).",
         "Each trial is a fresh Python process under Xvfb: `napari.Viewer(show=True)`, then the "
-        "timer starts, the slide is added (ours: `viewer.open(path, plugin=\"napari-magnet\")`;"
+        'timer starts, the slide is added (ours: `viewer.open(path, plugin="napari-magnet")`;'
         " napari-wsi: the layer tuples of its OpenSlide reader, added with `add_image`, since "
         "its `.tif` reader needs rasterio), and Qt events are processed until a canvas "
         "screenshot differs from the empty canvas on > 1% of its pixels. Reader imports are "
@@ -693,17 +798,27 @@ def p2_first_frame(path: Path) -> Section:
         "dask.array` pulls scipy.sparse/scipy.fft; napari-wsi pays it too (zarr → dask). "
         "The pint unit registry is napari's cost for a layer with units (ours sets µm); "
         "napari-wsi's reader sets no units or scale, so it does not pay it."
-        + ("" if med["ours"] <= 1.0 else
-           " Ours would fit in 1 s without the dask import (a non-dask array for napari, "
-           "dask imported lazily for `slide.pyramid`)."),
+        + (
+            ""
+            if med["ours"] <= 1.0
+            else " Ours would fit in 1 s without the dask import (a non-dask array for napari, "
+            "dask imported lazily for `slide.pyramid`)."
+        ),
     ]
     return Section(
         title="P2 — time to the first rendered frame in napari",
-        goal="≤ 1 s from opening the slide to pixels on the canvas, and not slower than "
-             "napari-wsi",
-        header=["reader", "layer added (s)", "first frame (s, median)", "trials (s)",
-                "level", "canvas"],
-        rows=rows, notes=notes)
+        goal="≤ 1 s from opening the slide to pixels on the canvas, and not slower than napari-wsi",
+        header=[
+            "reader",
+            "layer added (s)",
+            "first frame (s, median)",
+            "trials (s)",
+            "level",
+            "canvas",
+        ],
+        rows=rows,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------ P6
@@ -759,12 +874,18 @@ def p6_memory(path: Path) -> Section:
     cols = -(-w // WINDOW)
     stride = max(1, round(rows * cols / SWEEP_TARGET_CHUNKS))
     env = {k: v for k, v in os.environ.items() if k != "NAPARI_MAGNET_CACHE_MB"}
-    proc = subprocess.run([sys.executable, "-c", SWEEP, str(path), str(stride), "8"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", SWEEP, str(path), str(stride), "8"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=env,
+    )
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
     if result is None:
         raise RuntimeError(f"sweep failed (rc {proc.returncode}): {proc.stderr[-4000:]}")
     gb = 1e9
@@ -773,14 +894,18 @@ def p6_memory(path: Path) -> Section:
     quart.append(trace[-1])
     peak = result["peak"]
     swept_px = result["swept"] * result["chunk"][0] * result["chunk"][1]
-    every = ("every chunk row" if result["stride"] == 1
-             else f"every {result['stride']}th chunk row")
-    rows_out = [[
-        f"{result['swept']:,} of {result['rows'] * result['cols']:,} ({every})",
-        f"{swept_px / 1e9:.2f} Gpx", _fmt(result["seconds"], 0),
-        _fmt(result["baseline"] / gb), " / ".join(_fmt(q / gb) for q in quart),
-        _fmt(peak / gb), _fmt(result["cache_max"] / gb),
-    ]]
+    every = "every chunk row" if result["stride"] == 1 else f"every {result['stride']}th chunk row"
+    rows_out = [
+        [
+            f"{result['swept']:,} of {result['rows'] * result['cols']:,} ({every})",
+            f"{swept_px / 1e9:.2f} Gpx",
+            _fmt(result["seconds"], 0),
+            _fmt(result["baseline"] / gb),
+            " / ".join(_fmt(q / gb) for q in quart),
+            _fmt(peak / gb),
+            _fmt(result["cache_max"] / gb),
+        ]
+    ]
     ok = peak <= 1.5e9
     growth = trace[-1] - quart[1]
     notes = [
@@ -798,10 +923,19 @@ def p6_memory(path: Path) -> Section:
     return Section(
         title="P6 — memory while sweeping level 0",
         goal="peak RSS bounded (≤ 1.5 GB) while reading the whole of level 0 with the "
-             "default cache",
-        header=["chunks swept", "pixels", "seconds", "RSS after open (GB)",
-                "RSS at 25/50/75/100% (GB)", "peak RSS (GB)", "cache bound (GB)"],
-        rows=rows_out, notes=notes)
+        "default cache",
+        header=[
+            "chunks swept",
+            "pixels",
+            "seconds",
+            "RSS after open (GB)",
+            "RSS at 25/50/75/100% (GB)",
+            "peak RSS (GB)",
+            "cache bound (GB)",
+        ],
+        rows=rows_out,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------ run

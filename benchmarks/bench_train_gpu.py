@@ -20,8 +20,14 @@ from pathlib import Path
 
 from .common import DATA_DIR, Section
 
-SLIDES = {"n": 128, "seed": 11, "positives": ("micro", "micro", "macro"), "width": 8192,
-          "height": 8192, "mpp": 0.5}
+SLIDES = {
+    "n": 128,
+    "seed": 11,
+    "positives": ("micro", "micro", "macro"),
+    "width": 8192,
+    "height": 8192,
+    "mpp": 0.5,
+}
 BATCH = 16
 WORKERS = 4
 
@@ -33,14 +39,22 @@ def _cohort() -> Path:
     csv_path = out / "cohort.csv"
     if not csv_path.exists():
         spec = dict(SLIDES)
-        generate_cohort(out, spec.pop("n"), spec.pop("seed"), spec.pop("width"),
-                        spec.pop("height"), spec.pop("mpp"), positives=spec.pop("positives"),
-                        jobs=os.cpu_count() or 1)
+        generate_cohort(
+            out,
+            spec.pop("n"),
+            spec.pop("seed"),
+            spec.pop("width"),
+            spec.pop("height"),
+            spec.pop("mpp"),
+            positives=spec.pop("positives"),
+            jobs=os.cpu_count() or 1,
+        )
     return csv_path
 
 
-def measure(csv_path: Path, model: str = "magnet3", batch: int = BATCH,
-            workers: int = WORKERS) -> dict:
+def measure(
+    csv_path: Path, model: str = "magnet3", batch: int = BATCH, workers: int = WORKERS
+) -> dict:
     """Train 2 epochs; profile epoch 2's training steps. Returns the figures."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -75,16 +89,30 @@ def measure(csv_path: Path, model: str = "magnet3", batch: int = BATCH,
 
     task_cls.loss, task_cls.backward_step = timed_loss, timed_backward
     try:
-        result = training.train(training.TrainOptions(
-            slides=csv_path, out=DATA_DIR / "runs" / f"train_gpu_{model}", model=model,
-            epochs=2, batch_size=batch, device="cuda", progress=False, val_fraction=0.2,
-            workers=workers))
+        result = training.train(
+            training.TrainOptions(
+                slides=csv_path,
+                out=DATA_DIR / "runs" / f"train_gpu_{model}",
+                model=model,
+                epochs=2,
+                batch_size=batch,
+                device="cuda",
+                progress=False,
+                val_fraction=0.2,
+                workers=workers,
+            )
+        )
     finally:
         task_cls.loss, task_cls.backward_step = loss, backward
     wall = state["t1"] - state["t0"]
     kernel = sum(e.self_device_time_total for e in state["profiler"].key_averages()) / 1e6
-    return {"steps": steps, "wall": wall, "kernel": kernel, "busy": kernel / wall,
-            "epochs": [h["seconds"] for h in result.history]}
+    return {
+        "steps": steps,
+        "wall": wall,
+        "kernel": kernel,
+        "busy": kernel / wall,
+        "epochs": [h["seconds"] for h in result.history],
+    }
 
 
 def run() -> list[Section] | None:
@@ -92,24 +120,54 @@ def run() -> list[Section] | None:
 
     if not torch.cuda.is_available():
         recorded = Path(__file__).resolve().parent / "results" / "train_gpu.md"
-        return None if recorded.exists() else [Section(
-            title="GPU busy fraction of a training run", goal="≥ 70% of step time",
-            header=["model"], notes=["No CUDA device on this machine: not measured."])]
+        return (
+            None
+            if recorded.exists()
+            else [
+                Section(
+                    title="GPU busy fraction of a training run",
+                    goal="≥ 70% of step time",
+                    header=["model"],
+                    notes=["No CUDA device on this machine: not measured."],
+                )
+            ]
+        )
     figures = measure(_cohort())
-    return [Section(
-        title="GPU busy fraction of a training run",
-        goal="the GPU busy ≥ 70% of training-step time",
-        header=["model", "batch", "DataLoader workers", "steps profiled", "s / step",
-                "GPU kernel s / step", "busy fraction", "epoch 1 / epoch 2 (s)"],
-        rows=[["magnet3", str(BATCH), str(WORKERS), str(figures["steps"]),
-               f"{figures['wall'] / figures['steps']:.3f}",
-               f"{figures['kernel'] / figures['steps']:.3f}", f"{figures['busy']:.2f}",
-               " / ".join(f"{s:.1f}" for s in figures["epochs"])]],
-        notes=[f"{SLIDES['n']} synthetic {SLIDES['width']}² slides at {SLIDES['mpp']} µm/px, "
-               f"20% held out; epoch 2's training steps profiled (torch.profiler, CUDA "
-               f"kernels' summed time over the steps' wall time); bf16 autocast; region reads "
-               f"resampled on the GPU; {'met' if figures['busy'] >= 0.7 else 'NOT met'}",
-               "What the GPU waits for: inside a step each magnifying layer's θ decides the "
-               "next layer's reads (decode from the chunk cache, crop, copy to the GPU), so "
-               "they sit between the layers' kernels; overlapping one half-batch's reads with "
-               "the other's compute is the next step"])]
+    return [
+        Section(
+            title="GPU busy fraction of a training run",
+            goal="the GPU busy ≥ 70% of training-step time",
+            header=[
+                "model",
+                "batch",
+                "DataLoader workers",
+                "steps profiled",
+                "s / step",
+                "GPU kernel s / step",
+                "busy fraction",
+                "epoch 1 / epoch 2 (s)",
+            ],
+            rows=[
+                [
+                    "magnet3",
+                    str(BATCH),
+                    str(WORKERS),
+                    str(figures["steps"]),
+                    f"{figures['wall'] / figures['steps']:.3f}",
+                    f"{figures['kernel'] / figures['steps']:.3f}",
+                    f"{figures['busy']:.2f}",
+                    " / ".join(f"{s:.1f}" for s in figures["epochs"]),
+                ]
+            ],
+            notes=[
+                f"{SLIDES['n']} synthetic {SLIDES['width']}² slides at {SLIDES['mpp']} µm/px, "
+                f"20% held out; epoch 2's training steps profiled (torch.profiler, CUDA "
+                f"kernels' summed time over the steps' wall time); bf16 autocast; region reads "
+                f"resampled on the GPU; {'met' if figures['busy'] >= 0.7 else 'NOT met'}",
+                "What the GPU waits for: inside a step each magnifying layer's θ decides the "
+                "next layer's reads (decode from the chunk cache, crop, copy to the GPU), so "
+                "they sit between the layers' kernels; overlapping one half-batch's reads with "
+                "the other's compute is the next step",
+            ],
+        )
+    ]

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("NAPARI_MAGNET_BENCH_DATA",
-                               Path(__file__).resolve().parent / "_data"))
+DATA_DIR = Path(
+    os.environ.get("NAPARI_MAGNET_BENCH_DATA", Path(__file__).resolve().parent / "_data")
+)
 BIG_SIDE = int(os.environ.get("NAPARI_MAGNET_BENCH_SIDE", 100_000))
 
 
@@ -62,8 +63,10 @@ def machine() -> str:
             gpu = f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def timed(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -84,14 +87,18 @@ def big_slide_path(progress: bool = True) -> Path:
     if path.exists():
         return path
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    spec = SyntheticSlideSpec(width=BIG_SIDE, height=BIG_SIDE, mpp=0.25, seed=1, label=1,
-                              lesion_kind="macro")
+    spec = SyntheticSlideSpec(
+        width=BIG_SIDE, height=BIG_SIDE, mpp=0.25, seed=1, label=1, lesion_kind="macro"
+    )
     start = time.perf_counter()
 
     def report(done: int, total: int) -> None:
         if progress and (done == total or done % max(total // 20, 1) == 0):
-            print(f"  generating {path.name}: {done}/{total} tiles "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"  generating {path.name}: {done}/{total} tiles "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
     generate_slide(path, spec, progress=report)  # writes a temporary file, renames when done
     return path

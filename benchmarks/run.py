@@ -24,9 +24,10 @@ ON_REQUEST = {"learn"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    available = [p.stem[len("bench_"):] for p in sorted(HERE.glob("bench_*.py"))]
+    available = [p.stem[len("bench_") :] for p in sorted(HERE.glob("bench_*.py"))]
     names = argv or [n for n in ORDER if n in available] + [
-        n for n in available if n not in ORDER and n not in ON_REQUEST]
+        n for n in available if n not in ORDER and n not in ON_REQUEST
+    ]
     failed = 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     PARTS.mkdir(exist_ok=True)
@@ -44,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             body = f"## {name}\n\nFAILED:\n\n```\n{traceback.format_exc()}```\n"
         (PARTS / f"{name}.md").write_text(
-            f"<!-- {name}: {stamp} on {machine()} -->\n"
-            f"_Measured {stamp} on: {machine()}_\n\n{body}")
+            f"<!-- {name}: {stamp} on {machine()} -->\n_Measured {stamp} on: {machine()}_\n\n{body}"
+        )
     parts = [PARTS / f"{n}.md" for n in ORDER] + sorted(
-        p for p in PARTS.glob("*.md") if p.stem not in ORDER)
-    text = "# Benchmark results\n\n`make bench` (or `python -m benchmarks.run NAME`) writes " \
-           "each benchmark's section below with the machine it ran on. Ratios compare our " \
-           "code with the anchor measured in the same run.\n\n"
+        p for p in PARTS.glob("*.md") if p.stem not in ORDER
+    )
+    text = (
+        "# Benchmark results\n\n`make bench` (or `python -m benchmarks.run NAME`) writes "
+        "each benchmark's section below with the machine it ran on. Ratios compare our "
+        "code with the anchor measured in the same run.\n\n"
+    )
     text += "\n".join(p.read_text() for p in parts if p.exists())
     (HERE / "RESULTS.md").write_text(text)
     print(f"wrote {HERE / 'RESULTS.md'}")

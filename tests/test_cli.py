@@ -13,8 +13,27 @@ from napari_magnet.synth import read_ground_truth
 
 def test_synth_writes_a_slide_openslide_opens_with_its_truth(tmp_path, capsys):
     out = tmp_path / "one.tif"
-    assert main(["synth", "--out", str(out), "--width", "4096", "--height", "3072",
-                 "--seed", "5", "--lesion", "macro", "--mpp", "1.0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(out),
+                "--width",
+                "4096",
+                "--height",
+                "3072",
+                "--seed",
+                "5",
+                "--lesion",
+                "macro",
+                "--mpp",
+                "1.0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     truth = read_ground_truth(out)
     assert truth.label == 1 and truth.lesion_kind == "macro"
     with open_slide(out) as slide:
@@ -45,8 +64,21 @@ def test_info_on_a_broken_file_is_a_clear_error(capsys):
 
 def test_magnify_headless_writes_the_export_folder(cmu_path, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["magnify", str(cmu_path), "--model", "magnet3-lite", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "magnify",
+                str(cmu_path),
+                "--model",
+                "magnet3-lite",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     names = {p.name for p in out.iterdir()}
     assert {"rois.geojson", "annotations.geojson", "result.json"} <= names
     assert any(n.startswith("attention_L3_") and n.endswith(".ome.tif") for n in names)

@@ -77,21 +77,38 @@ def run_grid(model, reader, frame, visible, device, options):
     picks = picks[0].cpu().numpy()
     side = (frame[0, 2] - frame[0, 0]) / cfg.grid
     rows, cols = np.divmod(picks, cfg.grid)
-    boxes = np.stack([frame[0, 0] + cols * side, frame[0, 1] + rows * side,
-                      frame[0, 0] + (cols + 1) * side, frame[0, 1] + (rows + 1) * side], axis=1)
+    boxes = np.stack(
+        [
+            frame[0, 0] + cols * side,
+            frame[0, 1] + rows * side,
+            frame[0, 0] + (cols + 1) * side,
+            frame[0, 1] + (rows + 1) * side,
+        ],
+        axis=1,
+    )
     attention = torch.softmax(cells[0], dim=0).reshape(cfg.grid, cfg.grid).cpu().numpy()
     yield MagnifyStep(
-        layer=1, region_ids=[str(i + 1) for i in range(cfg.k)], parent_ids=[""] * cfg.k,
-        boxes=clip_boxes(boxes, visible[0]), levels=np.repeat(batch.levels, cfg.k),
-        attention_maps=[attention], attention_boxes=frame.copy(),
+        layer=1,
+        region_ids=[str(i + 1) for i in range(cfg.k)],
+        parent_ids=[""] * cfg.k,
+        boxes=clip_boxes(boxes, visible[0]),
+        levels=np.repeat(batch.levels, cfg.k),
+        attention_maps=[attention],
+        attention_boxes=frame.copy(),
         attention_mass=attention.reshape(-1)[picks].astype(float),
-        scales=np.full(cfg.k, 1.0 / cfg.grid))
+        scales=np.full(cfg.k, 1.0 / cfg.grid),
+    )
     probability = float(torch.sigmoid(logit)[0])
-    return MagnifyResult(probability=probability, label=int(probability >= 0.5),
-                         pixels_processed=cfg.view_size ** 2 * 3, pixels_read=0, seconds=0.0,
-                         model_name=getattr(model, "model_name", cfg.name),
-                         checkpoint_sha256=getattr(model, "checkpoint_sha256", ""),
-                         config_hash=cfg.config_hash())
+    return MagnifyResult(
+        probability=probability,
+        label=int(probability >= 0.5),
+        pixels_processed=cfg.view_size**2 * 3,
+        pixels_read=0,
+        seconds=0.0,
+        model_name=getattr(model, "model_name", cfg.name),
+        checkpoint_sha256=getattr(model, "checkpoint_sha256", ""),
+        config_hash=cfg.config_hash(),
+    )
 
 
 class GridTask:
@@ -100,8 +117,7 @@ class GridTask:
     def __init__(self, model, options, device) -> None:
         self.model, self.device = model, device
         self.sizes = (model.config.view_size,)
-        self.optimizers = {"adam": torch.optim.Adam(model.parameters(),
-                                                    lr=options.lr or 1e-2)}
+        self.optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=options.lr or 1e-2)}
 
     def default_batch_size(self) -> int:
         return 2
@@ -182,8 +198,9 @@ def test_toy_family_runs_through_magnify(toy_family, toy_cohort):
             list(magnify(slide, model, device="cpu", n_patches=4))
 
 
-def test_toy_family_trains_evaluates_and_runs_from_the_cli(toy_family, toy_cohort, tmp_path,
-                                                           capsys):
+def test_toy_family_trains_evaluates_and_runs_from_the_cli(
+    toy_family, toy_cohort, tmp_path, capsys
+):
     from napari_magnet.cli import main
     from napari_magnet.models.registry import load_model
 
@@ -192,8 +209,26 @@ def test_toy_family_trains_evaluates_and_runs_from_the_cli(toy_family, toy_cohor
     assert "brightest-grid: the K brightest cells" in listing and "  grid-k5" in listing
 
     run = tmp_path / "run"
-    assert main(["train", "--slides", str(toy_cohort), "--model", "grid-k3", "--epochs", "1",
-                 "--val-fraction", "0.5", "--device", "cpu", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--slides",
+                str(toy_cohort),
+                "--model",
+                "grid-k3",
+                "--epochs",
+                "1",
+                "--val-fraction",
+                "0.5",
+                "--device",
+                "cpu",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     state = json.loads((run / "train_state.json").read_text())
     assert state["epoch"] == 1 and state["model"]["architecture"] == ARCHITECTURE
     trained = load_model(str(run / "last.safetensors"), device="cpu")
@@ -201,22 +236,36 @@ def test_toy_family_trains_evaluates_and_runs_from_the_cli(toy_family, toy_cohor
     assert not math.isclose(float(trained.weight), 1.0)  # one epoch of Adam moved it
 
     report = tmp_path / "eval.json"
-    assert main(["evaluate", "--slides", str(toy_cohort), "--model", str(run / "last.safetensors"),
-                 "--device", "cpu", "--out", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--slides",
+                str(toy_cohort),
+                "--model",
+                str(run / "last.safetensors"),
+                "--device",
+                "cpu",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(report.read_text())
     assert len(figures["slides"]) == 4
 
     slide = json.loads(report.read_text())["slides"][0]["path"]
     out = tmp_path / "magnify"
-    assert main(["magnify", slide, "--model", "grid-k3", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert main(["magnify", slide, "--model", "grid-k3", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["result"]["model_name"] == "grid-k3"
     capsys.readouterr()
 
 
-def test_toy_family_runs_in_the_widget_of_a_real_viewer(toy_family, toy_cohort, tmp_path,
-                                                        make_napari_viewer, qtbot, monkeypatch):
+def test_toy_family_runs_in_the_widget_of_a_real_viewer(
+    toy_family, toy_cohort, tmp_path, make_napari_viewer, qtbot, monkeypatch
+):
     from napari_magnet._napari.layers import layer_info, layer_kind
     from napari_magnet._napari.widget import add_magnify_widget
     from napari_magnet.engine.cohort import read_cohort

@@ -47,8 +47,11 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def test_no_source_file_is_over_600_lines():
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
     assert not long, long
 
 
@@ -57,8 +60,10 @@ def test_no_import_cycles():
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     # A package importing its own submodules (its __init__ re-exporting them) is not a cycle:
     # Python finishes the package before the submodule needs it.
-    graph = {name: {t for t in targets if not t.startswith(name + ".")}
-             for name, targets in graph.items()}
+    graph = {
+        name: {t for t in targets if not t.startswith(name + ".")}
+        for name, targets in graph.items()
+    }
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []
     counter = [0]
 
@@ -113,11 +118,20 @@ def test_engine_viewer_and_cli_never_branch_on_a_family_name():
                 for side in [node.left, *node.comparators]:
                     elts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
                     strings += [e.value for e in elts if isinstance(e, ast.Constant)]
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in ("startswith", "endswith")):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("startswith", "endswith")
+            ):
                 strings += [a.value for a in node.args if isinstance(a, ast.Constant)]
             for s in strings:
-                if isinstance(s, str) and (s in names or (len(s) >= 3 and any(
-                        n.startswith(s) for n in names) and isinstance(node, ast.Call))):
+                if isinstance(s, str) and (
+                    s in names
+                    or (
+                        len(s) >= 3
+                        and any(n.startswith(s) for n in names)
+                        and isinstance(node, ast.Call)
+                    )
+                ):
                     offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {s!r}")
     assert not offences, offences

@@ -53,16 +53,32 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         if args.n == 1 and out.suffix.lower() in (".tif", ".tiff"):
-            spec = SyntheticSlideSpec(width=args.width, height=args.height, mpp=args.mpp,
-                                      seed=args.seed, label=args.label,
-                                      lesion_kind=args.lesion)
+            spec = SyntheticSlideSpec(
+                width=args.width,
+                height=args.height,
+                mpp=args.mpp,
+                seed=args.seed,
+                label=args.label,
+                lesion_kind=args.lesion,
+            )
             info = generate_slide(out, spec, progress=report)
             bar.close()
-            print(f"wrote {info.path} ({info.width} x {info.height} px, label {info.label}, "
-                  f"{info.lesion_kind}); ground truth in {info.sidecar}")
+            print(
+                f"wrote {info.path} ({info.width} x {info.height} px, label {info.label}, "
+                f"{info.lesion_kind}); ground truth in {info.sidecar}"
+            )
         else:
-            infos = generate_cohort(out, args.n, args.seed, args.width, args.height, args.mpp,
-                                    progress=report, positives=args.positives, jobs=args.jobs)
+            infos = generate_cohort(
+                out,
+                args.n,
+                args.seed,
+                args.width,
+                args.height,
+                args.mpp,
+                progress=report,
+                positives=args.positives,
+                jobs=args.jobs,
+            )
             bar.close()
             print(f"wrote {len(infos)} slides and {out / 'cohort.csv'}")
     except ValueError as error:
@@ -83,18 +99,27 @@ def cmd_magnify(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device)
         steps = []
         result = None
-        for item in magnify(slide, model, device=args.device, box=args.box, rule=args.rule,
-                            n_patches=args.n_patches, seed=args.seed,
-                            aux_heads=not args.no_aux):
+        for item in magnify(
+            slide,
+            model,
+            device=args.device,
+            box=args.box,
+            rule=args.rule,
+            n_patches=args.n_patches,
+            seed=args.seed,
+            aux_heads=not args.no_aux,
+        ):
             if isinstance(item, MagnifyResult):
                 result = item
             else:
                 steps.append(item)
                 print(f"layer {item.layer}: {len(item.region_ids)} regions", flush=True)
         paths = export_run(args.out, slide.requested_path, slide.mpp, steps, result)
-    print(f"probability {result.probability:.3f} (label {result.label}); "
-          f"{result.pixels_processed:,} values processed, {result.pixels_read:,} read; "
-          f"{result.seconds:.2f} s")
+    print(
+        f"probability {result.probability:.3f} (label {result.label}); "
+        f"{result.pixels_processed:,} values processed, {result.pixels_read:,} read; "
+        f"{result.seconds:.2f} s"
+    )
     print(f"wrote {len(paths)} files into {args.out}")
     return 0
 
@@ -121,25 +146,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine.training import TrainOptions, train
 
     options = TrainOptions(
-        slides=args.slides, out=args.out, model=args.model, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, device=args.device, resume=args.resume,
-        val_fraction=args.val_fraction, seed=args.seed, ats_learning=args.ats_learning,
-        entropy_weight=args.entropy_weight, augment=not args.no_augment,
-        exclude_classes=args.exclude_classes, workers=args.workers, rule=args.rule,
-        progress=not args.quiet)
+        slides=args.slides,
+        out=args.out,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        resume=args.resume,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        ats_learning=args.ats_learning,
+        entropy_weight=args.entropy_weight,
+        augment=not args.no_augment,
+        exclude_classes=args.exclude_classes,
+        workers=args.workers,
+        rule=args.rule,
+        progress=not args.quiet,
+    )
     try:
         result = train(options)
     except KeyboardInterrupt:
-        print(f"interrupted; completed epochs are saved in {args.out}: continue with "
-              f"--resume {args.out}", file=sys.stderr)
+        print(
+            f"interrupted; completed epochs are saved in {args.out}: continue with "
+            f"--resume {args.out}",
+            file=sys.stderr,
+        )
         return 130
     best = result.best_metric
     auroc = best.get("val_auroc")
-    print(f"{result.epochs_done} epoch(s) done; best epoch {result.best_epoch}"
-          + (f" (validation AUROC {auroc:.3f}, accuracy {best.get('val_accuracy'):.3f})"
-             if auroc is not None else ""))
-    print(f"best model: {result.best_checkpoint}; metrics: {result.metrics_csv}; "
-          f"curve: {result.curve_png}; resume with --resume {args.out}")
+    print(
+        f"{result.epochs_done} epoch(s) done; best epoch {result.best_epoch}"
+        + (
+            f" (validation AUROC {auroc:.3f}, accuracy {best.get('val_accuracy'):.3f})"
+            if auroc is not None
+            else ""
+        )
+    )
+    print(
+        f"best model: {result.best_checkpoint}; metrics: {result.metrics_csv}; "
+        f"curve: {result.curve_png}; resume with --resume {args.out}"
+    )
     return 0
 
 
@@ -160,19 +207,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    outcomes = evaluate_cohort(records, model, device=args.device, rule=args.rule,
-                               seed=args.seed, progress=report)
+    outcomes = evaluate_cohort(
+        records, model, device=args.device, rule=args.rule, seed=args.seed, progress=report
+    )
     if bar is not None:
         bar.close()
     rows = summarize(outcomes)
-    title = (f"{getattr(model, 'model_name', args.model)} on {args.slides} "
-             f"({len(outcomes)} slides)")
+    title = f"{getattr(model, 'model_name', args.model)} on {args.slides} ({len(outcomes)} slides)"
     print(markdown_table(rows, title=title), end="")
     if args.out:
-        meta = {"model": str(args.model),
-                "checkpoint_sha256": getattr(model, "checkpoint_sha256", ""),
-                "cohort": str(args.slides), "slides": len(outcomes), "rule": args.rule,
-                "device": str(args.device), "seed": args.seed}
+        meta = {
+            "model": str(args.model),
+            "checkpoint_sha256": getattr(model, "checkpoint_sha256", ""),
+            "cohort": str(args.slides),
+            "slides": len(outcomes),
+            "rule": args.rule,
+            "device": str(args.device),
+            "seed": args.seed,
+        }
         path = write_report(args.out, rows, outcomes, meta)
         print(f"wrote {path}")
     return 0
@@ -186,11 +238,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not _has_display() and not args.headless:
         xvfb = shutil.which("xvfb-run")
         if xvfb is None:
-            print("error: no display and no xvfb-run; install Xvfb (make demo does) or run "
-                  "with a display", file=sys.stderr)
+            print(
+                "error: no display and no xvfb-run; install Xvfb (make demo does) or run "
+                "with a display",
+                file=sys.stderr,
+            )
             return 2
-        command = [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, "-m",
-                   "napari_magnet.cli", "demo", "--headless", "--out", str(args.out)]
+        command = [
+            xvfb,
+            "-a",
+            "-s",
+            "-screen 0 1600x1000x24",
+            sys.executable,
+            "-m",
+            "napari_magnet.cli",
+            "demo",
+            "--headless",
+            "--out",
+            str(args.out),
+        ]
         if args.model:
             command += ["--model", args.model]
         return subprocess.call(command)
@@ -200,14 +266,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="napari-magnet",
-                                     description="Magnifying networks for whole-slide images.")
+    parser = argparse.ArgumentParser(
+        prog="napari-magnet", description="Magnifying networks for whole-slide images."
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     demo = verbs.add_parser("demo", help="open napari with the sample slide and Magnify")
     demo.add_argument("--out", default="demo-output", help="folder for the headless screenshot")
-    demo.add_argument("--model", default=None, help="model to run (default: demo, else "
-                      "magnet3-lite)")
+    demo.add_argument(
+        "--model", default=None, help="model to run (default: demo, else magnet3-lite)"
+    )
     demo.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
 
@@ -216,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     synth = verbs.add_parser("synth", help="generate synthetic slides (one, or a cohort)")
-    synth.add_argument("--out", required=True,
-                       help="a .tif path for one slide, or a folder for a cohort")
+    synth.add_argument(
+        "--out", required=True, help="a .tif path for one slide, or a folder for a cohort"
+    )
     synth.add_argument("--n", type=_positive_int, default=1, help="number of slides")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--width", type=_positive_int, default=16_384)
@@ -225,12 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel")
     synth.add_argument("--label", type=int, choices=(0, 1), default=None)
     synth.add_argument("--lesion", choices=("macro", "micro", "itc", "negative"), default=None)
-    synth.add_argument("--positives", type=lambda v: [k for k in v.split(",") if k],
-                       default=None, metavar="CLASSES",
-                       help="cohort: tumour classes positives cycle through, comma-separated; "
-                            "repeat one to weight it (micro,micro,macro)")
-    synth.add_argument("--jobs", type=_positive_int, default=1,
-                       help="cohort: slides generated at once (processes)")
+    synth.add_argument(
+        "--positives",
+        type=lambda v: [k for k in v.split(",") if k],
+        default=None,
+        metavar="CLASSES",
+        help="cohort: tumour classes positives cycle through, comma-separated; "
+        "repeat one to weight it (micro,micro,macro)",
+    )
+    synth.add_argument(
+        "--jobs", type=_positive_int, default=1, help="cohort: slides generated at once (processes)"
+    )
     synth.add_argument("--quiet", action="store_true")
     synth.set_defaults(func=cmd_synth)
 
@@ -239,43 +313,84 @@ def build_parser() -> argparse.ArgumentParser:
 
     mag = verbs.add_parser("magnify", help="run a model on a slide and export the results")
     mag.add_argument("slide")
-    mag.add_argument("--model", default="magnet3", help="a model name ('napari-magnet models' "
-                     "lists them), demo, or a checkpoint path")
+    mag.add_argument(
+        "--model",
+        default="magnet3",
+        help="a model name ('napari-magnet models' lists them), demo, or a checkpoint path",
+    )
     mag.add_argument("--out", required=True, help="output folder")
     mag.add_argument("--device", default="auto", help="auto, cpu or cuda")
     mag.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1 level-0 box")
     mag.add_argument("--rule", choices=("enough", "paper"), default="enough")
-    mag.add_argument("--n-patches", type=_positive_int, default=None,
-                     help="patches drawn, for models whose patches are adjustable")
+    mag.add_argument(
+        "--n-patches",
+        type=_positive_int,
+        default=None,
+        help="patches drawn, for models whose patches are adjustable",
+    )
     mag.add_argument("--seed", type=int, default=0)
-    mag.add_argument("--no-aux", action="store_true",
-                     help="skip auxiliary per-layer predictions where a model has them (faster)")
+    mag.add_argument(
+        "--no-aux",
+        action="store_true",
+        help="skip auxiliary per-layer predictions where a model has them (faster)",
+    )
     mag.set_defaults(func=cmd_magnify)
 
     tr = verbs.add_parser("train", help="train a model on a cohort CSV of slides")
-    tr.add_argument("--slides", required=True, help="cohort CSV: path,label[,lesion_class,"
-                    "lesion_boxes] (see README, 'Training on your own slides')")
-    tr.add_argument("--model", default=None, help="a model name ('napari-magnet models' lists "
-                    "them; required unless resuming)")
+    tr.add_argument(
+        "--slides",
+        required=True,
+        help="cohort CSV: path,label[,lesion_class,"
+        "lesion_boxes] (see README, 'Training on your own slides')",
+    )
+    tr.add_argument(
+        "--model",
+        default=None,
+        help="a model name ('napari-magnet models' lists them; required unless resuming)",
+    )
     tr.add_argument("--epochs", type=_positive_int, default=10, help="total epochs of the run")
-    tr.add_argument("--batch-size", type=_positive_int, default=None,
-                    help="slides per step (default: the model family's, e.g. 16 for magnet3)")
-    tr.add_argument("--lr", type=float, default=None,
-                    help="learning rate (default: the model family's, e.g. 3e-5 for MagNet as "
-                         "in the paper)")
+    tr.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="slides per step (default: the model family's, e.g. 16 for magnet3)",
+    )
+    tr.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: the model family's, e.g. 3e-5 for MagNet as in the paper)",
+    )
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     tr.add_argument("--out", required=True, help="run folder (checkpoints, metrics, curve)")
-    tr.add_argument("--resume", default=None, help="a run folder (or its train_state.json) "
-                    "to continue, or a model checkpoint to start from")
-    tr.add_argument("--val-fraction", type=float, default=0.2,
-                    help="fraction of each lesion class held out for validation")
+    tr.add_argument(
+        "--resume",
+        default=None,
+        help="a run folder (or its train_state.json) "
+        "to continue, or a model checkpoint to start from",
+    )
+    tr.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of each lesion class held out for validation",
+    )
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--ats-learning", choices=("expectation", "reinforce"),
-                    default="expectation", help="how an ats model learns its attention")
-    tr.add_argument("--entropy-weight", type=float, default=0.01,
-                    help="REINFORCE entropy regularisation weight")
-    tr.add_argument("--exclude-classes", type=_classes, default=(),
-                    help="comma-separated lesion classes to leave out, e.g. itc")
+    tr.add_argument(
+        "--ats-learning",
+        choices=("expectation", "reinforce"),
+        default="expectation",
+        help="how an ats model learns its attention",
+    )
+    tr.add_argument(
+        "--entropy-weight", type=float, default=0.01, help="REINFORCE entropy regularisation weight"
+    )
+    tr.add_argument(
+        "--exclude-classes",
+        type=_classes,
+        default=(),
+        help="comma-separated lesion classes to leave out, e.g. itc",
+    )
     tr.add_argument("--no-augment", action="store_true", help="no flips/rotations")
     tr.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     tr.add_argument("--rule", choices=("enough", "paper"), default="enough")
@@ -289,8 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="also write the report (.json or .md)")
     ev.add_argument("--rule", choices=("enough", "paper"), default="enough")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed (models that sample)")
-    ev.add_argument("--exclude-classes", type=_classes, default=(),
-                    help="comma-separated lesion classes to leave out")
+    ev.add_argument(
+        "--exclude-classes",
+        type=_classes,
+        default=(),
+        help="comma-separated lesion classes to leave out",
+    )
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
     return parser

@@ -28,6 +28,7 @@ def setup(make_napari_viewer, qtbot, slide_copy, tmp_path, monkeypatch):
     viewer = make_napari_viewer(show=True)
     widget = add_magnify_widget(viewer, autosave_delay_ms=200)
     (slide,) = viewer.open(str(slide_copy), plugin="napari-magnet")
-    qtbot.waitUntil(lambda: any(layer_kind(lyr) == "annotations" for lyr in viewer.layers),
-                    timeout=10_000)
+    qtbot.waitUntil(
+        lambda: any(layer_kind(lyr) == "annotations" for lyr in viewer.layers), timeout=10_000
+    )
     return viewer, widget, slide

@@ -23,8 +23,6 @@ from napari_magnet._napari.widget import add_magnify_widget
 DELAY_MS = 200
 
 
-
-
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     path = tmp_path / "data"
@@ -61,8 +59,7 @@ def press(viewer, qtbot, key, modifier):
     qtbot.keyClick(canvas, key, modifier)
 
 
-def test_annotations_layer_classes_keys_and_styles(make_napari_viewer, qtbot, slide_copy,
-                                                   data_dir):
+def test_annotations_layer_classes_keys_and_styles(make_napari_viewer, qtbot, slide_copy, data_dir):
     viewer, widget, slide = open_with_widget(make_napari_viewer, qtbot, slide_copy)
     layer = annotations_of(viewer)
     assert layer.name == "CMU-1-Small-Region · Annotations"
@@ -105,15 +102,19 @@ def test_annotations_layer_classes_keys_and_styles(make_napari_viewer, qtbot, sl
     # every key we bind is free in napari's Shapes keymap
     from napari.utils.shortcuts import default_shortcuts
 
-    taken = {str(kb) for action, kbs in default_shortcuts.items()
-             if "shape" in action or "vertex" in action or action.endswith("_mode")
-             for kb in kbs}
+    taken = {
+        str(kb)
+        for action, kbs in default_shortcuts.items()
+        if "shape" in action or "vertex" in action or action.endswith("_mode")
+        for kb in kbs
+    }
     ours = {k.replace("-", "+") for k in (*REVIEW_KEYS, *CLASS_KEYS)}
     assert not ours & taken
 
 
-def test_autosave_survives_a_crash_and_restores_rois(make_napari_viewer, qtbot, slide_copy,
-                                                     data_dir):
+def test_autosave_survives_a_crash_and_restores_rois(
+    make_napari_viewer, qtbot, slide_copy, data_dir
+):
     viewer, widget, slide = open_with_widget(make_napari_viewer, qtbot, slide_copy)
     layer = annotations_of(viewer)
     draw(layer, slide, [(100, 100, 400, 300)])
@@ -157,8 +158,9 @@ def test_autosave_survives_a_crash_and_restores_rois(make_napari_viewer, qtbot, 
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
-def test_read_only_slide_folder_saves_in_the_data_dir(make_napari_viewer, qtbot, slide_copy,
-                                                      data_dir):
+def test_read_only_slide_folder_saves_in_the_data_dir(
+    make_napari_viewer, qtbot, slide_copy, data_dir
+):
     folder = slide_copy.parent
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
     viewer, widget, slide = open_with_widget(make_napari_viewer, qtbot, slide_copy)
@@ -173,8 +175,9 @@ def test_read_only_slide_folder_saves_in_the_data_dir(make_napari_viewer, qtbot,
     assert annotations_of(viewer2).nshapes == 1
 
 
-def test_unreadable_autosave_is_reported_and_kept_aside(make_napari_viewer, qtbot, slide_copy,
-                                                        data_dir):
+def test_unreadable_autosave_is_reported_and_kept_aside(
+    make_napari_viewer, qtbot, slide_copy, data_dir
+):
     side = sidecar_path(slide_copy)
     side.write_text('{"type": "FeatureCollection", "features": [oops')
     n0 = len(notification_manager.records)
@@ -188,8 +191,9 @@ def test_unreadable_autosave_is_reported_and_kept_aside(make_napari_viewer, qtbo
     assert len(json.loads(side.read_text())["features"]) == 1
 
 
-def test_nothing_is_written_next_to_an_untouched_slide(make_napari_viewer, qtbot, slide_copy,
-                                                       data_dir):
+def test_nothing_is_written_next_to_an_untouched_slide(
+    make_napari_viewer, qtbot, slide_copy, data_dir
+):
     viewer, widget, slide = open_with_widget(make_napari_viewer, qtbot, slide_copy)
     qtbot.wait(3 * DELAY_MS)
     assert sorted(os.listdir(slide_copy.parent)) == [slide_copy.name]

@@ -15,7 +15,11 @@ def test_headless_demo_saves_a_screenshot_of_the_run(tmp_path):
     out = tmp_path / "demo-output"
     result = subprocess.run(
         [sys.executable, "-m", "napari_magnet.cli", "demo", "--headless", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env)
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     shot = out / "demo.png"
     assert f"Screenshot saved to {shot}" in result.stdout

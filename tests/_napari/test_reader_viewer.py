@@ -48,10 +48,10 @@ def test_multiscale_ndpi_layer(make_napari_viewer, ndpi_path):
     assert layer.data[0].shape == (4864, 3968, 3)
 
 
-@pytest.mark.parametrize("name", ["unreadable.svs", "unopenable.tiff",
-                                  "highdicom_sm_image_grayscale.dcm"])
-def test_bad_slide_raises_clear_error_and_viewer_keeps_working(make_napari_viewer, name,
-                                                                 cmu_path):
+@pytest.mark.parametrize(
+    "name", ["unreadable.svs", "unopenable.tiff", "highdicom_sm_image_grayscale.dcm"]
+)
+def test_bad_slide_raises_clear_error_and_viewer_keeps_working(make_napari_viewer, name, cmu_path):
     viewer = make_napari_viewer(show=True)
     with pytest.raises(Exception) as info:
         viewer.open(str(wsi(name)), plugin="napari-magnet")

@@ -67,37 +67,60 @@ class Feed:
 def step(layer: int, n: int = 2) -> StepReady:
     ids = [str(i + 1) if layer == 1 else f"1.{i + 1}" for i in range(n)]
     boxes = np.array([[100 * i, 50, 100 * i + 80, 130] for i in range(n)], float)
-    s = MagnifyStep(layer=layer, region_ids=ids, parent_ids=[""] * n if layer == 1 else ["1"] * n,
-                    boxes=boxes, levels=np.zeros(n, int),
-                    attention_maps=[np.random.default_rng(layer).random((8, 12))],
-                    attention_boxes=np.array([[0, 0, DIMS[0], DIMS[1]]], float))
+    s = MagnifyStep(
+        layer=layer,
+        region_ids=ids,
+        parent_ids=[""] * n if layer == 1 else ["1"] * n,
+        boxes=boxes,
+        levels=np.zeros(n, int),
+        attention_maps=[np.random.default_rng(layer).random((8, 12))],
+        attention_boxes=np.array([[0, 0, DIMS[0], DIMS[1]]], float),
+    )
     return StepReady(s, step_layer_data(s, MPP, DIMS, [s]))
 
 
 def result() -> RunCompleted:
-    return RunCompleted(MagnifyResult(probability=0.25, label=0, pixels_processed=2_000_000,
-                                      pixels_read=3_000, seconds=0.5, model_name="scripted",
-                                      checkpoint_sha256=""))
+    return RunCompleted(
+        MagnifyResult(
+            probability=0.25,
+            label=0,
+            pixels_processed=2_000_000,
+            pixels_read=3_000,
+            seconds=0.5,
+            model_name="scripted",
+            checkpoint_sha256="",
+        )
+    )
 
 
 @pytest.fixture
 def rig(make_napari_viewer, qtbot):
     """A viewer with a fake slide layer, a controller on a scripted worker, and a recorder."""
     viewer = make_napari_viewer()
-    slide = viewer.add_image(np.zeros((DIMS[1], DIMS[0]), np.uint8), scale=MPP[::-1],
-                             metadata={"slide": FakeSlide(), "path": "/nowhere/fake.svs",
-                                       "mpp": MPP}, name="fake")
+    slide = viewer.add_image(
+        np.zeros((DIMS[1], DIMS[0]), np.uint8),
+        scale=MPP[::-1],
+        metadata={"slide": FakeSlide(), "path": "/nowhere/fake.svs", "mpp": MPP},
+        name="fake",
+    )
     feed = Feed()
     controller = RunController(viewer, items=feed)
     states, outcomes = [], []
     controller.status_changed.connect(
-        lambda status: states.append(status.state) if not states or states[-1] != status.state
-        else None)
+        lambda status: (
+            states.append(status.state) if not states or states[-1] != status.state else None
+        )
+    )
     controller.run_finished.connect(outcomes.append)
 
     def start():
-        request = RunRequest(slide=slide.metadata["slide"], slide_path="/nowhere/fake.svs",
-                             mpp=MPP, model="scripted", device="cpu")
+        request = RunRequest(
+            slide=slide.metadata["slide"],
+            slide_path="/nowhere/fake.svs",
+            mpp=MPP,
+            model="scripted",
+            device="cpu",
+        )
         worker = controller.start(slide, request)
         assert worker is not None
         return worker
@@ -131,10 +154,15 @@ def test_a_run_streams_then_finishes_and_commits(rig, qtbot):
     assert controller.last_runs["/nowhere/fake.svs"] is run and run.closed
     assert feed.closed.is_set() and feed.closed_in is not threading.main_thread()
     names = [lyr.name for lyr in viewer.layers]
-    assert names == ["fake", "fake · coverage", "fake · L1 attention", "fake · L1 ROIs",
-                     "fake · L2 attention", "fake · L2 ROIs"]
-    assert all(layer_info(lyr)["committed"] for lyr in viewer.layers
-               if layer_kind(lyr) == "rois")
+    assert names == [
+        "fake",
+        "fake · coverage",
+        "fake · L1 attention",
+        "fake · L1 ROIs",
+        "fake · L2 attention",
+        "fake · L2 ROIs",
+    ]
+    assert all(layer_info(lyr)["committed"] for lyr in viewer.layers if layer_kind(lyr) == "rois")
     status = controller.status
     assert (status.shown, status.expected) == (2, 2)
     assert status.message.startswith("scripted: p = 0.250 (label 0) · 2.0 M px processed")
@@ -233,8 +261,10 @@ def test_worker_errors_arrive_through_errored_even_runtime_errors(rig, qtbot):
     assert outcomes == ["failed"]
     assert isinstance(errors[0], MagnifyFailed)
     assert isinstance(errors[0].error, RuntimeError)
-    assert controller.status.message == ("Failed: RuntimeError: CUDA out of memory. Tried — try "
-                                         "the CPU device, or close other GPU programs")
+    assert controller.status.message == (
+        "Failed: RuntimeError: CUDA out of memory. Tried — try "
+        "the CPU device, or close other GPU programs"
+    )
     assert states[-2:] == [RunState.FAILING, RunState.IDLE]
     assert [lyr.name for lyr in viewer.layers] == ["fake"]
     messages = [str(n.message) for n in notification_manager.records[n0:]]
@@ -318,8 +348,9 @@ def test_status_records_are_frozen_and_say_what_applies():
 
 def test_summary_line():
     r = result().result
-    assert summarize_result(r) == ("scripted: p = 0.250 (label 0) · 2.0 M px processed / "
-                                   "3.0 k px read · 0.5 s")
+    assert summarize_result(r) == (
+        "scripted: p = 0.250 (label 0) · 2.0 M px processed / 3.0 k px read · 0.5 s"
+    )
 
 
 def test_layer_queue_drops_dead_owners_and_reports_errors(qtbot):

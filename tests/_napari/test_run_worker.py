@@ -46,8 +46,9 @@ def _names() -> set[str]:
 
 
 def _literals(node: ast.AST) -> list[str]:
-    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
-            and isinstance(n.value, str)]
+    return [
+        n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
 
 
 def test_no_viewer_module_compares_against_a_family_or_model_name():
@@ -62,13 +63,15 @@ def test_no_viewer_module_compares_against_a_family_or_model_name():
             suspects: list[str] = []
             if isinstance(node, ast.Compare):
                 suspects = _literals(node)
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in ("startswith", "endswith")):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("startswith", "endswith")
+            ):
                 suspects = _literals(node)
             elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
                 suspects = [s for s in _literals(node) if s in names]
-            hits = [s for s in suspects if any(s == n or (s and n.startswith(s))
-                                               for n in names)]
+            hits = [s for s in suspects if any(s == n or (s and n.startswith(s)) for n in names)]
             if hits:
                 offending.append(f"{path.name}:{node.lineno}: {hits}")
     assert not offending, offending

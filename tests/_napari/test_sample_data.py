@@ -7,8 +7,9 @@ import pytest
 from napari_magnet.synth import read_ground_truth
 
 
-def test_small_sample_opens_as_a_slide_layer_and_is_reused(make_napari_viewer, tmp_path,
-                                                           monkeypatch):
+def test_small_sample_opens_as_a_slide_layer_and_is_reused(
+    make_napari_viewer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("NAPARI_MAGNET_CACHE_DIR", str(tmp_path))
     viewer = make_napari_viewer(show=True)
     (layer,) = viewer.open_sample("napari-magnet", "synthetic-small")

@@ -10,14 +10,14 @@ from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import notification_manager
 
 from napari_magnet._napari.layers import layer_info, layer_kind
-from napari_magnet._napari.widget import (MagnifyWidget, add_magnify_widget, demo_available,
-                                          model_choices)
+from napari_magnet._napari.widget import (
+    MagnifyWidget,
+    add_magnify_widget,
+    demo_available,
+    model_choices,
+)
 
 RUN_TIMEOUT = 240_000  # ms: a cold first run imports torchvision and builds the model
-
-
-
-
 
 
 def run_and_wait(qtbot, widget, model="magnet3-lite", device="cpu"):
@@ -32,10 +32,12 @@ def ours(viewer, kind):
 
 
 def inside(inner, outer, tol=1e-6):
-    return (inner[:, 0].min() >= outer[:, 0].min() - tol
-            and inner[:, 1].min() >= outer[:, 1].min() - tol
-            and inner[:, 0].max() <= outer[:, 0].max() + tol
-            and inner[:, 1].max() <= outer[:, 1].max() + tol)
+    return (
+        inner[:, 0].min() >= outer[:, 0].min() - tol
+        and inner[:, 1].min() >= outer[:, 1].min() - tol
+        and inner[:, 0].max() <= outer[:, 0].max() + tol
+        and inner[:, 1].max() <= outer[:, 1].max() + tol
+    )
 
 
 def test_widget_lists_models_devices_and_is_a_manifest_widget(make_napari_viewer):
@@ -45,7 +47,7 @@ def test_widget_lists_models_devices_and_is_a_manifest_widget(make_napari_viewer
     widget = add_magnify_widget(viewer)
     names = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     shipped = ["demo"] if demo_available() else []
-    assert names[:5] == shipped + ["magnet3", "magnet4", "magnet3-lite", "ats"][:5 - len(shipped)]
+    assert names[:5] == shipped + ["magnet3", "magnet4", "magnet3-lite", "ats"][: 5 - len(shipped)]
     assert names[-1].startswith("Checkpoint")
     assert names[:-1] == model_choices()
     import torch
@@ -89,8 +91,10 @@ def test_widget_is_a_composition_of_small_panels(make_napari_viewer):
     if DEMO_CHECKPOINT.is_file():
         widget.set_checkpoint(str(DEMO_CHECKPOINT))
         assert widget.model_spec == str(DEMO_CHECKPOINT)
-        assert widget.patches_spin.isEnabled() is family_of_spec(
-            str(DEMO_CHECKPOINT)).adjustable_patches
+        assert (
+            widget.patches_spin.isEnabled()
+            is family_of_spec(str(DEMO_CHECKPOINT)).adjustable_patches
+        )
     with pytest.raises(ValueError, match="unknown model"):
         widget.set_model("no-such-model")
     with pytest.raises(ValueError, match="unknown device"):
@@ -110,8 +114,9 @@ def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
 
     def on_insert(event):
         if layer_kind(event.value) == "rois":
-            inserted.append((layer_info(event.value)["layer"], len(run.steps),
-                             run.result is not None))
+            inserted.append(
+                (layer_info(event.value)["layer"], len(run.steps), run.result is not None)
+            )
 
     viewer.layers.events.inserted.connect(on_insert)
     assert widget.cancel_button.isEnabled() and not widget.magnify_button.isEnabled()
@@ -137,8 +142,15 @@ def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
         assert lyr.metadata["mpp"] == (mpp_x, mpp_y)
         assert lyr.metadata["slide_path"] == slide.metadata["path"]
         assert layer_info(lyr)["committed"] is True
-        assert set(lyr.features.columns) >= {"id", "parent", "layer", "scale", "level",
-                                             "attention_mass", "aux_probability"}
+        assert set(lyr.features.columns) >= {
+            "id",
+            "parent",
+            "layer",
+            "scale",
+            "level",
+            "attention_mass",
+            "aux_probability",
+        }
         assert list(lyr.text.values) == list(lyr.features["id"])
         for rect, rid, parent in zip(lyr.data, lyr.features["id"], lyr.features["parent"]):
             assert inside(rect, extent, tol=1e-3)
@@ -147,8 +159,7 @@ def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
             boxes[rid] = rect
     # attention overlays: one per magnifying layer, aligned with the box they cover
     att = ours(viewer, "attention")
-    assert [lyr.name for lyr in att] == [f"CMU-1-Small-Region · L{k} attention"
-                                         for k in (1, 2, 3)]
+    assert [lyr.name for lyr in att] == [f"CMU-1-Small-Region · L{k} attention" for k in (1, 2, 3)]
     assert [layer_info(lyr)["maps"] for lyr in att] == [1, 3, 6]
     for lyr in att:
         x0, y0, x1, y1 = lyr.metadata["box"]
@@ -156,7 +167,8 @@ def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
         (r0, c0), (r1, c1) = lyr.extent.world
         half_r, half_c = np.asarray(lyr.scale) / 2
         assert (r0 - half_r, c0 - half_c, r1 + half_r, c1 + half_c) == pytest.approx(
-            (y0 * mpp_y, x0 * mpp_x, y1 * mpp_y, x1 * mpp_x), rel=1e-6, abs=1e-6)
+            (y0 * mpp_y, x0 * mpp_x, y1 * mpp_y, x1 * mpp_x), rel=1e-6, abs=1e-6
+        )
         # cropped to the slide: every pixel centre lies on it
         assert r0 >= 0 and c0 >= 0 and r1 <= height * mpp_y and c1 <= width * mpp_x
     # stacking: L1 attention < L1 ROIs < L2 attention < L2 ROIs < …
@@ -228,8 +240,13 @@ def test_cancel_ten_times_leaves_no_worker_and_no_layer(setup, qtbot):
                 shown.append(len(ours(viewer, "rois")))
                 widget.cancel()
                 # hidden at once, removed one per event-loop turn
-                shown.append(sum(lyr.visible for kind in ("rois", "attention", "coverage")
-                                 for lyr in ours(viewer, kind)))
+                shown.append(
+                    sum(
+                        lyr.visible
+                        for kind in ("rois", "attention", "coverage")
+                        for lyr in ours(viewer, kind)
+                    )
+                )
                 shown.append(widget.cancel_button.isEnabled())
 
         widget.step_shown.connect(cancel_on_first_step)
@@ -253,8 +270,9 @@ def test_magnify_inside_a_selected_box(setup, qtbot):
     mpp_x, mpp_y = slide.metadata["mpp"]
     # a box in level-0 px x 500..1700, y 900..2400, drawn in a shapes layer of its own scale
     box_world = np.array([[900 * mpp_y, 500 * mpp_x], [2400 * mpp_y, 1700 * mpp_x]])
-    drawn = viewer.add_shapes([box_world / 2.0], shape_type="rectangle", scale=(2.0, 2.0),
-                              name="my box")
+    drawn = viewer.add_shapes(
+        [box_world / 2.0], shape_type="rectangle", scale=(2.0, 2.0), name="my box"
+    )
     drawn.selected_data = {0}
     viewer.layers.selection.active = drawn
     assert widget.selected_box() == pytest.approx((500, 900, 1700, 2400))

@@ -20,18 +20,31 @@ def ours(viewer, kind):
 
 
 def world_vertices(layer):
-    return [np.asarray(d)[:, -2:] * np.asarray(layer.scale)[-2:]
-            + np.asarray(layer.translate)[-2:] for d in layer.data]
+    return [
+        np.asarray(d)[:, -2:] * np.asarray(layer.scale)[-2:] + np.asarray(layer.translate)[-2:]
+        for d in layer.data
+    ]
 
 
 def annotate(viewer, widget, slide):
     (layer,) = ours(viewer, "annotations")
     mx, my = slide.metadata["mpp"]
     layer.add(np.array([[100 * my, 200 * mx], [600 * my, 900 * mx]]), shape_type="rectangle")
-    layer.add(np.array([[900 * my, 300 * mx], [1300 * my, 700 * mx], [1500 * my, 100 * mx],
-                        [1000 * my, 50 * mx]]), shape_type="polygon")
-    layer.add(np.array([[1600, 1600], [1600, 2100], [2000, 2100], [2000, 1600]]) * [my, mx],
-              shape_type="ellipse")  # its bounding box's corners
+    layer.add(
+        np.array(
+            [
+                [900 * my, 300 * mx],
+                [1300 * my, 700 * mx],
+                [1500 * my, 100 * mx],
+                [1000 * my, 50 * mx],
+            ]
+        ),
+        shape_type="polygon",
+    )
+    layer.add(
+        np.array([[1600, 1600], [1600, 2100], [2000, 2100], [2000, 1600]]) * [my, mx],
+        shape_type="ellipse",
+    )  # its bounding box's corners
     layer.selected_data = {0}
     widget.set_class("Tumor", layer)
     widget.set_review("accepted", layer)
@@ -69,8 +82,12 @@ def test_geojson_round_trip_through_the_plugin_writer_and_reader(setup, tmp_path
         assert set(cls) == {"name", "color"} and len(cls["color"]) == 3
         assert props["napari_magnet"]["mpp"] == list(slide.metadata["mpp"])
     first = np.asarray(doc["features"][0]["geometry"]["coordinates"][0])[:4]
-    assert sorted(map(tuple, np.round(first, 3))) == [(200, 100), (200, 600), (900, 100),
-                                                      (900, 600)]  # (x, y) level-0 px
+    assert sorted(map(tuple, np.round(first, 3))) == [
+        (200, 100),
+        (200, 600),
+        (900, 100),
+        (900, 600),
+    ]  # (x, y) level-0 px
 
     (back,) = viewer.open(str(path), plugin="napari-magnet")
     assert layer_kind(back) == "imported"
@@ -80,8 +97,7 @@ def test_geojson_round_trip_through_the_plugin_writer_and_reader(setup, tmp_path
     for a, b in zip(world_vertices(layer)[:2], world_vertices(back)[:2]):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-4)
     e_in, e_back = world_vertices(layer)[2], world_vertices(back)[2]
-    np.testing.assert_allclose([e_back.min(0), e_back.max(0)], [e_in.min(0), e_in.max(0)],
-                               atol=0.5)
+    np.testing.assert_allclose([e_back.min(0), e_back.max(0)], [e_in.min(0), e_in.max(0)], atol=0.5)
     # and through the widget's import (placed on the current slide)
     imported = widget.import_geojson(str(path))
     assert imported is not None and imported.nshapes == 3
@@ -105,8 +121,7 @@ def test_export_all_and_attention_ome_tiff_reopens_aligned(setup, qtbot, tmp_pat
     out = tmp_path / "export"
     files = widget.export_all(str(out))
     names = sorted(p.name for p in files)
-    assert names == ["annotations.geojson", "attention_L1_0.ome.tif", "result.json",
-                     "rois.geojson"]
+    assert names == ["annotations.geojson", "attention_L1_0.ome.tif", "result.json", "rois.geojson"]
     result = json.loads((out / "result.json").read_text())
     assert result["result"]["model_name"] == "ats"
     assert 0 <= result["result"]["probability"] <= 1
@@ -124,20 +139,24 @@ def test_export_all_and_attention_ome_tiff_reopens_aligned(setup, qtbot, tmp_pat
     assert napari.save_layers(str(path), [att], plugin="napari-magnet") == [str(path)]
     (back,) = viewer.open(str(path), plugin="napari-magnet")
     assert layer_kind(back) == "attention"
-    np.testing.assert_allclose(np.asarray(back.extent.world), np.asarray(att.extent.world),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(back.extent.world), np.asarray(att.extent.world), atol=1e-6
+    )
     np.testing.assert_allclose(back.scale, att.scale)
     np.testing.assert_allclose(np.asarray(back.data), np.asarray(att.data))
     # the slide itself is refused by the attention writer
     from napari_magnet._napari.writers import write_attention_ome
 
     with pytest.warns(UserWarning):
-        assert napari.save_layers(str(tmp_path / "slide.ome.tif"), [slide],
-                                  plugin="napari-magnet") == []
+        assert (
+            napari.save_layers(str(tmp_path / "slide.ome.tif"), [slide], plugin="napari-magnet")
+            == []
+        )
     assert not (tmp_path / "slide.ome.tif").exists()
     with pytest.raises(ValueError, match="attention"):
-        write_attention_ome(str(tmp_path / "slide.ome.tif"), slide.data[0],
-                            slide.as_layer_data_tuple()[1])
+        write_attention_ome(
+            str(tmp_path / "slide.ome.tif"), slide.data[0], slide.as_layer_data_tuple()[1]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,53 +167,87 @@ GOOD_RING = [[10, 10], [200, 10], [200, 150], [10, 10]]
 
 
 def feature(geometry, **props):
-    return {"type": "Feature", "geometry": geometry,
-            "properties": {"objectType": "annotation", **props}}
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {"objectType": "annotation", **props},
+    }
 
 
 def collection(*features):
     return {"type": "FeatureCollection", "features": list(features)}
 
 
-huge = st.one_of(st.floats(2e7, 1e300), st.floats(-1e300, -2e7),
-                 st.integers(10**8, 10**30))
+huge = st.one_of(st.floats(2e7, 1e300), st.floats(-1e300, -2e7), st.integers(10**8, 10**30))
 bad_documents = st.one_of(
     # malformed JSON
     st.text(max_size=40).map(lambda t: "{" + t + '"oops'),
     st.just(""),
     st.just("[1, 2,"),
     # JSON but not GeoJSON
-    st.one_of(st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=3))
-    .map(json.dumps),
+    st.one_of(st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=3)).map(
+        json.dumps
+    ),
     st.just(json.dumps({"type": "Mystery"})),
     st.just(json.dumps({"features": []})),
     # wrong geometry types only
-    st.sampled_from(["Point", "LineString"]).map(lambda kind: json.dumps(collection(
-        feature({"type": kind, "coordinates": [5, 5] if kind == "Point" else [[0, 0], [5, 5]]})
-    ))),
+    st.sampled_from(["Point", "LineString"]).map(
+        lambda kind: json.dumps(
+            collection(
+                feature(
+                    {"type": kind, "coordinates": [5, 5] if kind == "Point" else [[0, 0], [5, 5]]}
+                )
+            )
+        )
+    ),
     st.just(json.dumps(collection(feature({"type": "Circle", "coordinates": [1, 2]})))),
     # huge coordinates
-    huge.map(lambda v: json.dumps(collection(feature(
-        {"type": "Polygon", "coordinates": [[[10, 10], [v, 10], [200, 150], [10, 10]]]})))),
+    huge.map(
+        lambda v: json.dumps(
+            collection(
+                feature(
+                    {"type": "Polygon", "coordinates": [[[10, 10], [v, 10], [200, 150], [10, 10]]]}
+                )
+            )
+        )
+    ),
     # missing fields
-    st.sampled_from(["geometry", "coordinates", "type"]).map(lambda missing: json.dumps(
-        collection({k: v for k, v in feature({"type": "Polygon", "coordinates": [GOOD_RING]},
-                                             ).items() if k != missing})
-        if missing != "coordinates" else
-        collection(feature({"type": "Polygon"})))),
+    st.sampled_from(["geometry", "coordinates", "type"]).map(
+        lambda missing: json.dumps(
+            collection(
+                {
+                    k: v
+                    for k, v in feature(
+                        {"type": "Polygon", "coordinates": [GOOD_RING]},
+                    ).items()
+                    if k != missing
+                }
+            )
+            if missing != "coordinates"
+            else collection(feature({"type": "Polygon"}))
+        )
+    ),
     # degenerate rings, non-numeric or non-finite coordinates
-    st.just(json.dumps(collection(feature({"type": "Polygon",
-                                           "coordinates": [[[0, 0], [5, 5], [0, 0]]]})))),
+    st.just(
+        json.dumps(
+            collection(feature({"type": "Polygon", "coordinates": [[[0, 0], [5, 5], [0, 0]]]}))
+        )
+    ),
     st.sampled_from(['"x"', "null", "true", "NaN", "Infinity", "[1]"]).map(
-        lambda v: '{"type": "FeatureCollection", "features": [{"type": "Feature", '
-                  '"properties": {}, "geometry": {"type": "Polygon", "coordinates": '
-                  f'[[[0, 0], [10, {v}], [20, 30], [0, 0]]]}}}}]}}'),
+        lambda v: (
+            '{"type": "FeatureCollection", "features": [{"type": "Feature", '
+            '"properties": {}, "geometry": {"type": "Polygon", "coordinates": '
+            f"[[[0, 0], [10, {v}], [20, 30], [0, 0]]]}}}}]}}"
+        )
+    ),
 )
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(text=bad_documents)
 def test_bad_geojson_is_refused_with_a_clear_error(setup, tmp_path, text):
     viewer, widget, slide = setup
@@ -230,15 +283,32 @@ def test_reader_declines_other_files_and_reads_qupath_exports(tmp_path, make_nap
     assert get_attention_reader(str(plain)) is None
     # a QuPath-style export: no mpp recorded → level-0 pixel units
     qupath = tmp_path / "qupath.geojson"
-    qupath.write_text(json.dumps([{
-        "type": "Feature", "id": "x",
-        "geometry": {"type": "MultiPolygon", "coordinates": [
-            [[[0, 0], [100, 0], [100, 50], [0, 50], [0, 0]]],
-            [[[200, 200], [300, 200], [250, 260], [200, 200]]]]},
-        "properties": {"objectType": "annotation",
-                       "classification": {"names": ["Tumor"], "colorRGB": -3670016}},
-    }, {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]},
-        "properties": {}}]))
+    qupath.write_text(
+        json.dumps(
+            [
+                {
+                    "type": "Feature",
+                    "id": "x",
+                    "geometry": {
+                        "type": "MultiPolygon",
+                        "coordinates": [
+                            [[[0, 0], [100, 0], [100, 50], [0, 50], [0, 0]]],
+                            [[[200, 200], [300, 200], [250, 260], [200, 200]]],
+                        ],
+                    },
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {"names": ["Tumor"], "colorRGB": -3670016},
+                    },
+                },
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Point", "coordinates": [1, 1]},
+                    "properties": {},
+                },
+            ]
+        )
+    )
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(qupath), plugin="napari-magnet")
     assert layer.nshapes == 2 and tuple(layer.scale) == (1.0, 1.0)

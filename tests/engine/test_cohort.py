@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from napari_magnet.cli import main
-from napari_magnet.engine.cohort import (CohortError, SlideDataset, SlidePool, class_counts,
-                                         read_cohort, split_cohort)
+from napari_magnet.engine.cohort import (
+    CohortError,
+    SlideDataset,
+    SlidePool,
+    class_counts,
+    read_cohort,
+    split_cohort,
+)
 from napari_magnet.synth import generate_cohort
 
 # Small real slides: 2048 px at 1.5 µm/px is 3.1 mm, room for every lesion class.
@@ -24,8 +30,9 @@ def make_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "napari-magnet-cohort"
     csv_path = root / "cohort.csv"
     if not csv_path.exists():
-        generate_cohort(root, COHORT_N, seed=3, width=COHORT_SIDE, height=COHORT_SIDE,
-                        mpp=COHORT_MPP)
+        generate_cohort(
+            root, COHORT_N, seed=3, width=COHORT_SIDE, height=COHORT_SIDE, mpp=COHORT_MPP
+        )
     return csv_path
 
 
@@ -157,8 +164,22 @@ def test_bad_csv_fails_before_training(cohort_csv, tmp_path, capsys):
     rows[2]["path"] = str(tmp_path / "missing_slide.tif")
     path = write_rows(tmp_path / "bad.csv", rows)
     out = tmp_path / "run"
-    code = main(["train", "--slides", str(path), "--model", "magnet3-lite", "--epochs", "1",
-                 "--device", "cpu", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--slides",
+            str(path),
+            "--model",
+            "magnet3-lite",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "row 4" in err and "missing_slide.tif" in err
@@ -178,8 +199,9 @@ def test_split_is_stratified_deterministic_and_checked(cohort_csv):
     # proportional stratification over classes on a larger cohort
     from dataclasses import replace
 
-    many = [replace(r, path=Path(f"/x/{i}_{r.path.name}"), row=i)
-            for i, r in enumerate(records * 10)]
+    many = [
+        replace(r, path=Path(f"/x/{i}_{r.path.name}"), row=i) for i, r in enumerate(records * 10)
+    ]
     _, val_many = split_cohort(many, 0.2, seed=1)
     counts, val_counts = class_counts(many), class_counts(val_many)
     for cls, n in counts.items():
@@ -197,8 +219,9 @@ def test_dataset_renders_layer1_letterboxed(tmp_path, cohort_csv):
     from napari_magnet.slide import open_slide
     from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 
-    wide = generate_slide(tmp_path / "wide.tif", SyntheticSlideSpec(1536, 768, mpp=2.0, seed=5,
-                                                                      label=0))
+    wide = generate_slide(
+        tmp_path / "wide.tif", SyntheticSlideSpec(1536, 768, mpp=2.0, seed=5, label=0)
+    )
     records = read_cohort(cohort_csv)[:1]
     from dataclasses import replace
 
@@ -228,8 +251,12 @@ def test_write_cohort_round_trips_through_read_cohort(tmp_path, cohort_csv):
     from napari_magnet.engine.cohort import write_cohort
 
     rows = [
-        {"path": "a.tif", "label": 1, "lesion_class": "micro",
-         "lesion_boxes": [(10, 20, 30.5, 40), np.array([1.0, 2.0, 3.0, 4.0])]},
+        {
+            "path": "a.tif",
+            "label": 1,
+            "lesion_class": "micro",
+            "lesion_boxes": [(10, 20, 30.5, 40), np.array([1.0, 2.0, 3.0, 4.0])],
+        },
         {"path": tmp_path / "b.tif", "label": 0, "lesion_class": "negative"},
         {"path": "c.tif", "label": np.int64(1), "lesion_class": "", "lesion_boxes": []},
     ]
@@ -237,8 +264,11 @@ def test_write_cohort_round_trips_through_read_cohort(tmp_path, cohort_csv):
     assert csv_path == tmp_path / "sub" / "cohort.csv"
     assert not [p for p in csv_path.parent.iterdir() if p != csv_path]  # no temporary left
     records = read_cohort(csv_path, check_files=False)
-    assert [r.path for r in records] == [tmp_path / "sub" / "a.tif", tmp_path / "b.tif",
-                                         tmp_path / "sub" / "c.tif"]
+    assert [r.path for r in records] == [
+        tmp_path / "sub" / "a.tif",
+        tmp_path / "b.tif",
+        tmp_path / "sub" / "c.tif",
+    ]
     assert [r.label for r in records] == [1, 0, 1]
     assert [r.lesion_class for r in records] == ["micro", "negative", "positive"]
     assert records[0].lesion_boxes == ((10.0, 20.0, 30.5, 40.0), (1.0, 2.0, 3.0, 4.0))
@@ -247,8 +277,10 @@ def test_write_cohort_round_trips_through_read_cohort(tmp_path, cohort_csv):
     again = write_cohort(tmp_path / "again.csv", [r.to_dict() for r in records])
     assert read_cohort(again, check_files=False) == records
     # the generator's cohort.csv, rewritten from its own rows, is byte for byte the same
-    generated = [dict(r, label=int(r["label"]), lesion_boxes=json.loads(r["lesion_boxes"]))
-                 for r in rows_of(cohort_csv)]
+    generated = [
+        dict(r, label=int(r["label"]), lesion_boxes=json.loads(r["lesion_boxes"]))
+        for r in rows_of(cohort_csv)
+    ]
     copy = write_cohort(tmp_path / "copy.csv", generated)
     assert copy.read_bytes() == cohort_csv.read_bytes()
     assert cohort_csv.read_bytes().startswith(b"path,label,lesion_class,lesion_boxes\r\n")

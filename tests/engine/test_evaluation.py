@@ -12,9 +12,17 @@ import pytest
 
 from napari_magnet.cli import main
 from napari_magnet.engine.cohort import read_cohort
-from napari_magnet.engine.evaluation import (SlideOutcome, accuracy, auroc, evaluate_cohort,
-                                             largest_lesion_mm, markdown_table,
-                                             roi_in_lesion, summarize, write_report)
+from napari_magnet.engine.evaluation import (
+    SlideOutcome,
+    accuracy,
+    auroc,
+    evaluate_cohort,
+    largest_lesion_mm,
+    markdown_table,
+    roi_in_lesion,
+    summarize,
+    write_report,
+)
 from napari_magnet.models.registry import load_model
 
 from .test_cohort import COHORT_MPP, make_cohort
@@ -70,9 +78,16 @@ def test_auroc_and_accuracy_reject_bad_input():
 
 
 def outcome(label: int, cls: str, p: float, mm: float | None = None) -> SlideOutcome:
-    return SlideOutcome(path=f"/x/{cls}_{p}.tif", label=label, lesion_class=cls, probability=p,
-                        pixels_processed=2_803_584, pixels_read=1_000_000 * (1 + label),
-                        seconds=0.5, lesion_mm=mm)
+    return SlideOutcome(
+        path=f"/x/{cls}_{p}.tif",
+        label=label,
+        lesion_class=cls,
+        probability=p,
+        pixels_processed=2_803_584,
+        pixels_read=1_000_000 * (1 + label),
+        seconds=0.5,
+        lesion_mm=mm,
+    )
 
 
 def test_largest_lesion_is_the_longer_side_of_the_largest_box_in_mm():
@@ -85,15 +100,20 @@ def test_largest_lesion_is_the_longer_side_of_the_largest_box_in_mm():
 
 def test_roi_in_lesion_is_the_best_single_roi_fraction_inside_a_lesion_box():
     lesions = [(100, 100, 200, 200), (1000, 1000, 1100, 1400)]
-    rois = np.array([[150, 150, 250, 250],      # a quarter inside lesion 1
-                     [1000, 1000, 1100, 1100],  # wholly inside lesion 2
-                     [0, 0, 50, 50]])           # outside
+    rois = np.array(
+        [
+            [150, 150, 250, 250],  # a quarter inside lesion 1
+            [1000, 1000, 1100, 1100],  # wholly inside lesion 2
+            [0, 0, 50, 50],
+        ]
+    )  # outside
     assert roi_in_lesion(rois, lesions) == pytest.approx(1.0)
     assert roi_in_lesion(rois[[0, 2]], lesions) == pytest.approx(0.25)
     assert roi_in_lesion(rois[[2]], lesions) == 0.0
     # a region straddling two boxes counts each box on its own: 2 × 40% is not 80%
-    assert roi_in_lesion(np.array([[0, 0, 100, 100]]),
-                         [(0, 0, 40, 100), (60, 0, 100, 100)]) == pytest.approx(0.4)
+    assert roi_in_lesion(
+        np.array([[0, 0, 100, 100]]), [(0, 0, 40, 100), (60, 0, 100, 100)]
+    ) == pytest.approx(0.4)
     assert roi_in_lesion(np.array([[5, 5, 5, 9]]), lesions) == 0.0  # empty ROI
     assert roi_in_lesion(rois, []) is None
     assert roi_in_lesion(np.zeros((0, 4)), lesions) is None
@@ -101,8 +121,12 @@ def test_roi_in_lesion_is_the_best_single_roi_fraction_inside_a_lesion_box():
 
 def test_summary_reports_how_often_the_model_looked_at_the_lesion():
     negatives = [outcome(0, "negative", 0.1), outcome(0, "negative", 0.4)]
-    micro = [outcome(1, "micro", 0.9), outcome(1, "micro", 0.3), outcome(1, "micro", 0.2),
-             outcome(1, "micro", 0.5)]
+    micro = [
+        outcome(1, "micro", 0.9),
+        outcome(1, "micro", 0.3),
+        outcome(1, "micro", 0.2),
+        outcome(1, "micro", 0.5),
+    ]
     for o, inside in zip(micro, (0.9, 0.5, 0.1, None)):
         o.roi_in_lesion = inside
     rows = {r["group"]: r for r in summarize(negatives + micro)}
@@ -116,14 +140,28 @@ def test_summary_reports_how_often_the_model_looked_at_the_lesion():
 
 def test_summary_groups_positives_by_lesion_size_against_all_negatives():
     negatives = [outcome(0, "negative", p) for p in (0.1, 0.3, 0.5)]
-    positives = [outcome(1, "itc", 0.2, 0.1), outcome(1, "micro", 0.4, 0.3),
-                 outcome(1, "micro", 0.6, 0.7), outcome(1, "micro", 0.05, 0.99),
-                 outcome(1, "micro", 0.9, 1.0), outcome(1, "macro", 0.95, 5.0),
-                 outcome(1, "micro", 0.8)]  # no size known: in its class row only
+    positives = [
+        outcome(1, "itc", 0.2, 0.1),
+        outcome(1, "micro", 0.4, 0.3),
+        outcome(1, "micro", 0.6, 0.7),
+        outcome(1, "micro", 0.05, 0.99),
+        outcome(1, "micro", 0.9, 1.0),
+        outcome(1, "macro", 0.95, 5.0),
+        outcome(1, "micro", 0.8),
+    ]  # no size known: in its class row only
     rows = {r["group"]: r for r in summarize(negatives + positives)}
-    assert list(rows) == ["all", "itc", "micro", "macro", "lesion < 0.2 mm",
-                          "lesion 0.2–0.5 mm", "lesion 0.5–1 mm", "lesion 1–2 mm",
-                          "lesion ≥ 2 mm", "negative"]
+    assert list(rows) == [
+        "all",
+        "itc",
+        "micro",
+        "macro",
+        "lesion < 0.2 mm",
+        "lesion 0.2–0.5 mm",
+        "lesion 0.5–1 mm",
+        "lesion 1–2 mm",
+        "lesion ≥ 2 mm",
+        "negative",
+    ]
     assert rows["micro"]["n_positive"] == 5
     assert rows["lesion 0.5–1 mm"]["n_positive"] == 2  # 0.7 and 0.99 mm
     assert rows["lesion 0.5–1 mm"]["n_negative"] == 3
@@ -136,9 +174,15 @@ def test_summary_groups_positives_by_lesion_size_against_all_negatives():
 
 
 def test_summary_has_a_row_per_class_against_all_negatives():
-    outcomes = [outcome(0, "negative", 0.1), outcome(0, "negative", 0.6),
-                outcome(0, "negative", 0.3), outcome(1, "macro", 0.9),
-                outcome(1, "macro", 0.7), outcome(1, "micro", 0.2), outcome(1, "micro", 0.6)]
+    outcomes = [
+        outcome(0, "negative", 0.1),
+        outcome(0, "negative", 0.6),
+        outcome(0, "negative", 0.3),
+        outcome(1, "macro", 0.9),
+        outcome(1, "macro", 0.7),
+        outcome(1, "micro", 0.2),
+        outcome(1, "micro", 0.6),
+    ]
     rows = {r["group"]: r for r in summarize(outcomes)}
     assert list(rows) == ["all", "micro", "macro", "negative"]
     assert rows["macro"]["n_positive"] == 2 and rows["macro"]["n_negative"] == 3
@@ -164,8 +208,9 @@ def test_evaluate_cohort_uses_magnify_figures(cohort_csv, tmp_path):
     records = [next(r for r in records if r.label == 0), next(r for r in records if r.label == 1)]
     model = load_model("magnet3-lite", device="cpu")
     seen = []
-    outcomes = evaluate_cohort(records, model, device="cpu",
-                               progress=lambda d, t, o: seen.append((d, t)))
+    outcomes = evaluate_cohort(
+        records, model, device="cpu", progress=lambda d, t, o: seen.append((d, t))
+    )
     assert seen == [(1, 2), (2, 2)]
     with open_slide(records[1].path) as slide:
         items = list(magnify(slide, model, device="cpu"))
@@ -179,9 +224,11 @@ def test_evaluate_cohort_uses_magnify_figures(cohort_csv, tmp_path):
     assert 0.0 <= outcomes[1].roi_in_lesion <= 1.0
     for record, o in zip(records, outcomes):
         if record.label == 1:  # the cohort's boxes at the slide's µm per pixel
-            assert o.lesion_mm == pytest.approx(max(
-                max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in record.lesion_boxes)
-                * COHORT_MPP * 1e-3)
+            assert o.lesion_mm == pytest.approx(
+                max(max(x1 - x0, y1 - y0) for x0, y0, x1, y1 in record.lesion_boxes)
+                * COHORT_MPP
+                * 1e-3
+            )
         else:
             assert o.lesion_mm is None and o.roi_in_lesion is None
     path = write_report(tmp_path / "r.json", summarize(outcomes), outcomes, {"model": "x"})
@@ -194,8 +241,20 @@ def test_evaluate_command_prints_per_class_rows(cohort_csv, tmp_path, capsys):
     records = read_cohort(cohort_csv)
     classes = sorted({r.lesion_class for r in records if r.label == 1})
     out_md = tmp_path / "eval.md"
-    code = main(["evaluate", "--slides", str(cohort_csv), "--model", "ats", "--device", "cpu",
-                 "--out", str(out_md), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            "--slides",
+            str(cohort_csv),
+            "--model",
+            "ats",
+            "--device",
+            "cpu",
+            "--out",
+            str(out_md),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| all | 4 | 4 |" in printed
@@ -207,8 +266,23 @@ def test_evaluate_command_prints_per_class_rows(cohort_csv, tmp_path, capsys):
     assert text.count(".tif |") == len(records)
     assert "| lesion " in text.split("| slide |")[0]  # size rows in the summary table
     out_json = tmp_path / "eval.json"
-    assert main(["evaluate", "--slides", str(cohort_csv), "--model", "ats", "--device", "cpu",
-                 "--out", str(out_json), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--slides",
+                str(cohort_csv),
+                "--model",
+                "ats",
+                "--device",
+                "cpu",
+                "--out",
+                str(out_json),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     data = json.loads(out_json.read_text())
     groups = [r["group"] for r in data["summary"]]
     assert groups[0] == "all" and set(classes) <= set(groups)

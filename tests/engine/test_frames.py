@@ -5,17 +5,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_magnet.engine.frames import (child_frames, clip_boxes, patch_frames, start_region,
-                                         visible_mask)
+from napari_magnet.engine.frames import (
+    child_frames,
+    clip_boxes,
+    patch_frames,
+    start_region,
+    visible_mask,
+)
 
 
 def test_child_frames_follow_theta_and_stay_inside_parent():
     frames = np.array([[0.0, 0.0, 1000.0, 1000.0]])
     visible = np.array([[100.0, 0.0, 900.0, 1000.0]])
-    theta = np.array([[[[1, 0, 0], [0, 1, 0]],            # identity: same frame
-                       [[0.25, 0, 0.5], [0, 0.25, -0.5]],  # quarter size, right-top
-                       [[0.1, 0, -0.95], [0, 0.1, 0]]]],   # crosses the parent's left edge
-                     dtype=float)
+    theta = np.array(
+        [
+            [
+                [[1, 0, 0], [0, 1, 0]],  # identity: same frame
+                [[0.25, 0, 0.5], [0, 0.25, -0.5]],  # quarter size, right-top
+                [[0.1, 0, -0.95], [0, 0.1, 0]],
+            ]
+        ],  # crosses the parent's left edge
+        dtype=float,
+    )
     child, child_visible = child_frames(frames, visible, theta)
     np.testing.assert_allclose(child[0], frames[0])
     np.testing.assert_allclose(child_visible[0], visible[0])

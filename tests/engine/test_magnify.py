@@ -58,8 +58,15 @@ def test_magnet_on_cmu_streams_layers_with_lineage(cmu_path, lite):
     assert steps[0].aux_probability is not None and steps[2].aux_probability is not None
     assert isinstance(result, MagnifyResult)
     fields = {f.name for f in dataclasses.fields(MagnifyResult)}
-    assert {"probability", "label", "pixels_processed", "pixels_read", "seconds",
-            "model_name", "checkpoint_sha256"} <= fields
+    assert {
+        "probability",
+        "label",
+        "pixels_processed",
+        "pixels_read",
+        "seconds",
+        "model_name",
+        "checkpoint_sha256",
+    } <= fields
     assert 0 <= result.probability <= 1 and result.label in (0, 1)
     assert result.pixels_processed == (10 * 56**2 + 18 * 224**2) * 3
     assert result.pixels_read > 0 and result.seconds > 0
@@ -68,8 +75,12 @@ def test_magnet_on_cmu_streams_layers_with_lineage(cmu_path, lite):
 
 def test_steps_arrive_one_layer_at_a_time(cmu_path, lite):
     calls = {layer: 0 for layer in (1, 2, 3)}
-    hooks = [lite.stacks[i].register_forward_hook(
-        lambda *_, layer=i + 1: calls.__setitem__(layer, calls[layer] + 1)) for i in range(3)]
+    hooks = [
+        lite.stacks[i].register_forward_hook(
+            lambda *_, layer=i + 1: calls.__setitem__(layer, calls[layer] + 1)
+        )
+        for i in range(3)
+    ]
     try:
         with open_slide(cmu_path) as slide:
             stream = magnify(slide, lite, device="cpu")
@@ -101,8 +112,7 @@ def test_magnify_inside_a_box(cmu_path, lite):
     assert_nested(steps, box)
 
 
-@pytest.mark.parametrize("box", [(0, 0, 0, 10), (5000, 5000, 6000, 6000),
-                                 (0, 0, float("nan"), 10)])
+@pytest.mark.parametrize("box", [(0, 0, 0, 10), (5000, 5000, 6000, 6000), (0, 0, float("nan"), 10)])
 def test_bad_boxes_are_rejected(cmu_path, lite, box):
     with open_slide(cmu_path) as slide, pytest.raises(ValueError, match="box"):
         next(magnify(slide, lite, device="cpu", box=box))

@@ -54,8 +54,9 @@ def test_parallel_reads_equal_serial_reads(cmu_path):
     frames = np.stack([x0, y0, x0 + side, y0 + side], axis=1)
     with open_slide(cmu_path) as slide:
         with RegionReader(slide, workers=8) as parallel, RegionReader(slide, workers=1) as serial:
-            np.testing.assert_array_equal(parallel.read(frames, 56).images,
-                                          serial.read(frames, 56).images)
+            np.testing.assert_array_equal(
+                parallel.read(frames, 56).images, serial.read(frames, 56).images
+            )
 
 
 def test_bad_parameters_are_rejected(cmu_path):

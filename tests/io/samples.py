@@ -61,9 +61,16 @@ def step(layer, boxes, ids, parents=None, maps=None, att_boxes=None):
     boxes = np.asarray(boxes, dtype=float)
     n = len(boxes)
     return MagnifyStep(
-        layer=layer, region_ids=ids, parent_ids=parents or [""] * n, boxes=boxes,
+        layer=layer,
+        region_ids=ids,
+        parent_ids=parents or [""] * n,
+        boxes=boxes,
         levels=np.zeros(n, int),
         attention_maps=maps if maps is not None else [np.ones((4, 4))],
-        attention_boxes=np.asarray(att_boxes if att_boxes is not None else [[0, 0, 100, 100]],
-                                   dtype=float),
-        attention_mass=np.full(n, 0.5), scales=np.full(n, 0.5), aux_probability=0.7)
+        attention_boxes=np.asarray(
+            att_boxes if att_boxes is not None else [[0, 0, 100, 100]], dtype=float
+        ),
+        attention_mass=np.full(n, 0.5),
+        scales=np.full(n, 0.5),
+        aux_probability=0.7,
+    )

@@ -28,9 +28,11 @@ def test_attention_placement_centres_pixels_and_crops_to_slide():
     assert back == pytest.approx(placed.box)
 
 
-@given(st.integers(1, 64), st.integers(1, 64),
-       st.tuples(st.floats(-500, 500), st.floats(-500, 500), st.floats(1, 800),
-                 st.floats(1, 800)))
+@given(
+    st.integers(1, 64),
+    st.integers(1, 64),
+    st.tuples(st.floats(-500, 500), st.floats(-500, 500), st.floats(1, 800), st.floats(1, 800)),
+)
 @settings(max_examples=60, deadline=None)
 def test_attention_placement_inverts(h, w, box):
     x0, y0, bw, bh = box

@@ -26,8 +26,9 @@ def test_branch_colours_by_root_and_depth():
 
 
 def test_review_style_bold_accepted_thin_grey_rejected():
-    edges, faces, widths = review_style(["Tumor", "Tumor", ""],
-                                        ["accepted", "rejected", "unreviewed"])
+    edges, faces, widths = review_style(
+        ["Tumor", "Tumor", ""], ["accepted", "rejected", "unreviewed"]
+    )
     assert widths.tolist() == [2.5, 0.5, 1.0]
     np.testing.assert_allclose(edges[0][:3], np.array([200, 0, 0]) / 255)
     assert edges[1][0] == edges[1][1] == edges[1][2]  # grey

@@ -18,8 +18,7 @@ from .samples import MPP, step
 
 
 def test_tissue_mask_excludes_glass_black_and_grey():
-    rgb = np.array([[[250, 250, 250], [0, 0, 0], [128, 128, 128], [200, 100, 180]]],
-                   dtype=np.uint8)
+    rgb = np.array([[[250, 250, 250], [0, 0, 0], [128, 128, 128], [200, 100, 180]]], dtype=np.uint8)
     assert tissue_mask(rgb).tolist() == [[False, False, False, True]]
 
 
@@ -32,9 +31,11 @@ def test_resize_mask_area_threshold():
 
 
 def test_coverage_map_deepest_layer_and_unexamined_tissue():
-    steps = [step(1, [[0, 0, 50, 100]], ["1"]),
-             step(2, [[0, 0, 25, 50]], ["1.1"], ["1"]),
-             step(3, [[1, 1, 2, 2]], ["1.1.1"], ["1.1"])]  # smaller than a cell
+    steps = [
+        step(1, [[0, 0, 50, 100]], ["1"]),
+        step(2, [[0, 0, 25, 50]], ["1.1"], ["1"]),
+        step(3, [[1, 1, 2, 2]], ["1.1.1"], ["1.1"]),
+    ]  # smaller than a cell
     tissue = np.ones((10, 10), bool)
     tissue[:, 9] = False  # a glass column
     cov = coverage_map(steps, (100, 100), tissue)

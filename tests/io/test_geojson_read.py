@@ -28,8 +28,9 @@ QUPATH_EXPORT = {
             "id": "0b7cf9a3-2a3e-4f7d-8f45-38a8d1b6d1f3",
             "geometry": {
                 "type": "Polygon",
-                "coordinates": [[[10234, 20456], [11234, 20456], [11234, 21456],
-                                 [10234, 21456], [10234, 20456]]],
+                "coordinates": [
+                    [[10234, 20456], [11234, 20456], [11234, 21456], [10234, 21456], [10234, 20456]]
+                ],
             },
             "properties": {
                 "objectType": "annotation",
@@ -44,8 +45,10 @@ QUPATH_EXPORT = {
                 "type": "MultiPolygon",
                 "coordinates": [
                     [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]],
-                    [[[500, 500], [900, 500], [700, 800], [500, 500]],
-                     [[600, 550], [700, 550], [650, 600], [600, 550]]],
+                    [
+                        [[500, 500], [900, 500], [700, 800], [500, 500]],
+                        [[600, 550], [700, 550], [650, 600], [600, 550]],
+                    ],
                 ],
             },
             "properties": {
@@ -87,7 +90,10 @@ def test_read_qupath_export(tmp_path):
     np.testing.assert_allclose(part0.polygon, rectangle(0, 0, 100, 100))
     assert part1.polygon.shape == (3, 2) and len(part1.holes) == 1
     assert part0.properties["napari_magnet"] == {
-        "part": 0, "parts": 2, "source_id": "4d9a6f0e-1b1c-4bb1-9f1e-0c3d2e7b8a55"}
+        "part": 0,
+        "parts": 2,
+        "source_id": "4d9a6f0e-1b1c-4bb1-9f1e-0c3d2e7b8a55",
+    }
     assert part0.properties["metadata"] == {"author": "pathologist"}
     assert part0.id is None and part1.id is None
 
@@ -125,10 +131,17 @@ def test_read_qupath_variants():
     (three,) = parse_geojson(f2)
     assert three.classification == "Tumor: Positive"
     # GeometryCollection: polygons kept, lines skipped
-    gc = {"type": "Feature", "properties": {}, "geometry": {
-        "type": "GeometryCollection",
-        "geometries": [{"type": "Polygon", "coordinates": [ring]},
-                       {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}]}}
+    gc = {
+        "type": "Feature",
+        "properties": {},
+        "geometry": {
+            "type": "GeometryCollection",
+            "geometries": [
+                {"type": "Polygon", "coordinates": [ring]},
+                {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
+            ],
+        },
+    }
     with pytest.warns(GeoJSONSkipWarning):
         assert len(parse_geojson(gc)) == 1
     # an empty FeatureCollection is fine
@@ -138,8 +151,11 @@ def test_read_qupath_variants():
 
 
 def test_max_extent():
-    feature = {"type": "Feature", "properties": {}, "geometry": {
-        "type": "Polygon", "coordinates": [[[0, 0], [1005, 0], [1005, 500], [0, 0]]]}}
+    feature = {
+        "type": "Feature",
+        "properties": {},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1005, 0], [1005, 500], [0, 0]]]},
+    }
     assert len(parse_geojson(feature, max_extent=(1000, 800))) == 1  # within 1 % tolerance
     with pytest.raises(GeoJSONError, match="slide extent"):
         parse_geojson(feature, max_extent=(900, 800))
@@ -149,8 +165,11 @@ def test_max_extent():
 
 def test_bounds_on_features_and_vertices():
     ring = [[0, 0], [10, 0], [10, 10], [0, 0]]
-    feature = {"type": "Feature", "properties": {},
-               "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    feature = {
+        "type": "Feature",
+        "properties": {},
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+    }
     fc = {"type": "FeatureCollection", "features": [feature] * 5}
     assert len(parse_geojson(fc, max_features=5)) == 5
     with pytest.raises(GeoJSONError, match="too many features"):
@@ -173,30 +192,47 @@ def test_bounds_on_features_and_vertices():
         ('{"type": "Feature", "properties": {}}', "no 'geometry'"),
         ('{"type": "Feature", "geometry": {"type": "Polygon"}}', "no 'coordinates'"),
         ('{"type": "Feature", "geometry": {"type": "Circle", "coordinates": []}}', "unsupported"),
-        ('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}',
-         "only other geometry types"),
+        (
+            '{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}',
+            "only other geometry types",
+        ),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [NaN, 1], [0, 0]]]}', "non-finite"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1e400, 1], [0, 0]]]}',
-         "non-finite"),
+        (
+            '{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1e400, 1], [0, 0]]]}',
+            "non-finite",
+        ),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [2e7, 1], [0, 0]]]}', "beyond"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [99999999999999999999, 1]]]}',
-         "beyond"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], ["1", 1], [0, 0]]]}',
-         "non-numeric"),
-        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [true, 1], [0, 0]]]}',
-         "non-numeric"),
+        (
+            '{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [99999999999999999999, 1]]]}',
+            "beyond",
+        ),
+        ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], ["1", 1], [0, 0]]]}', "non-numeric"),
+        (
+            '{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [true, 1], [0, 0]]]}',
+            "non-numeric",
+        ),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0], [1, 1]]]}', "3 distinct"),
         ('{"type": "Polygon", "coordinates": [[[0, 0], [1], [1, 1]]]}', "not an \\[x, y\\]"),
-        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-         '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"napari_magnet": {"review": "maybe"}}}',
-         "review state"),
-        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-         '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"classification": 7}}', "classification"),
-        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-         '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"measurements": {"a": "x"}}}',
-         "not a number"),
-        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
-         '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"color": [300, 0, 0]}}', "colour"),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"napari_magnet": {"review": "maybe"}}}',
+            "review state",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"classification": 7}}',
+            "classification",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"measurements": {"a": "x"}}}',
+            "not a number",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
+            '[[[0, 0], [1, 0], [1, 1]]]}, "properties": {"color": [300, 0, 0]}}',
+            "colour",
+        ),
         ("[" * 100000 + "]" * 100000, "nested too deeply"),
     ],
 )
@@ -226,12 +262,32 @@ def test_unreadable_files(tmp_path):
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 _json_values = st.recursive(
     _json_scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(
-        st.sampled_from(["type", "features", "geometry", "coordinates", "properties",
-                         "geometries", "id", "name", "classification", "measurements",
-                         "color", "objectType", "napari_magnet", "review", "x"]),
-        children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "features",
+                    "geometry",
+                    "coordinates",
+                    "properties",
+                    "geometries",
+                    "id",
+                    "name",
+                    "classification",
+                    "measurements",
+                    "color",
+                    "objectType",
+                    "napari_magnet",
+                    "review",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
     max_leaves=30,
 )
 
@@ -253,8 +309,7 @@ def _check_outcome(data) -> None:
         assert np.all(np.isfinite(ann.polygon)) and np.all(np.abs(ann.polygon) <= COORD_LIMIT)
 
 
-_SETTINGS = settings(max_examples=300, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_SETTINGS
@@ -274,8 +329,21 @@ def _valid_fc() -> dict:
     return annotations_to_feature_collection(_sample_annotations())
 
 
-_BAD_COORDS = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e12, -5e7, "12",
-                               None, True, [1, 2], {"x": 1}, 10**30])
+_BAD_COORDS = st.sampled_from(
+    [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        1e12,
+        -5e7,
+        "12",
+        None,
+        True,
+        [1, 2],
+        {"x": 1},
+        10**30,
+    ]
+)
 
 
 @_SETTINGS
@@ -295,15 +363,21 @@ def test_one_bad_coordinate_rejects_the_whole_file(data):
 
 
 _REQUIRED_PATHS = [
-    ("type",), ("features",), ("features", 0, "type"), ("features", 0, "geometry"),
-    ("features", 0, "geometry", "type"), ("features", 0, "geometry", "coordinates"),
+    ("type",),
+    ("features",),
+    ("features", 0, "type"),
+    ("features", 0, "geometry"),
+    ("features", 0, "geometry", "type"),
+    ("features", 0, "geometry", "coordinates"),
     ("features", 1, "geometry", "coordinates", 0),
 ]
 
 
 @_SETTINGS
-@given(path=st.sampled_from(_REQUIRED_PATHS),
-       replacement=st.sampled_from(["drop", None, 1, "x", [], {}, [[]], [[[0, 0]]]]))
+@given(
+    path=st.sampled_from(_REQUIRED_PATHS),
+    replacement=st.sampled_from(["drop", None, 1, "x", [], {}, [[]], [[[0, 0]]]]),
+)
 def test_missing_or_wrong_fields(path, replacement):
     fc = _valid_fc()
     parent = fc
@@ -324,15 +398,26 @@ def test_missing_or_wrong_fields(path, replacement):
 
 
 @_SETTINGS
-@given(kind=st.sampled_from(["Point", "LineString", "MultiPoint", "MultiLineString",
-                             "Circle", "polygon", "", "Feature"]),
-       n=st.integers(1, 4))
+@given(
+    kind=st.sampled_from(
+        ["Point", "LineString", "MultiPoint", "MultiLineString", "Circle", "polygon", "", "Feature"]
+    ),
+    n=st.integers(1, 4),
+)
 def test_wrong_geometry_types_only(kind, n):
-    coords = {"Point": [1, 2], "MultiPoint": [[1, 2]], "LineString": [[1, 2], [3, 4]],
-              "MultiLineString": [[[1, 2], [3, 4]]]}.get(kind, [[[0, 0], [1, 0], [1, 1]]])
-    fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": {"type": kind, "coordinates": coords}}
-    ] * n}
+    coords = {
+        "Point": [1, 2],
+        "MultiPoint": [[1, 2]],
+        "LineString": [[1, 2], [3, 4]],
+        "MultiLineString": [[[1, 2], [3, 4]]],
+    }.get(kind, [[[0, 0], [1, 0], [1, 1]]])
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": {}, "geometry": {"type": kind, "coordinates": coords}}
+        ]
+        * n,
+    }
     with pytest.raises(GeoJSONError):
         parse_geojson(fc)
 

@@ -88,7 +88,9 @@ def test_qupath_required_keys():
 
 
 def test_non_finite_measurements_are_dropped():
-    ann = Annotation(polygon=rectangle(0, 0, 10, 10), measurements={"a": 1.5, "b": float("nan"),
-                                                                     "c": float("inf"), "d": 3})
+    ann = Annotation(
+        polygon=rectangle(0, 0, 10, 10),
+        measurements={"a": 1.5, "b": float("nan"), "c": float("inf"), "d": 3},
+    )
     props = annotations_to_feature_collection([ann])["features"][0]["properties"]
     assert props["measurements"] == {"a": 1.5, "d": 3}

@@ -113,8 +113,9 @@ def test_without_mpp_uses_pixel_units(tmp_path):
 
 def test_large_map_is_tiled_and_float64_cast(tmp_path):
     arr = np.random.default_rng(1).random((1500, 1100))  # float64
-    path = write_attention_ome_tiff(tmp_path / "big.ome.tif", arr, (0, 0, 11000, 15000),
-                                    (0.5, 0.5), "big")
+    path = write_attention_ome_tiff(
+        tmp_path / "big.ome.tif", arr, (0, 0, 11000, 15000), (0.5, 0.5), "big"
+    )
     with tifffile.TiffFile(path) as tf:
         assert tf.pages.first.is_tiled
     m = read_attention_ome_tiff(path)
@@ -125,11 +126,24 @@ def test_fallback_to_ome_physical_metadata(tmp_path):
     """A plain OME-TIFF (no napari-magnet metadata) is placed from OME sizes/positions."""
     arr = _map(4, 5)
     path = tmp_path / "foreign.ome.tif"
-    tifffile.imwrite(path, arr, ome=True, metadata={
-        "axes": "YX", "PhysicalSizeX": 8.0, "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": 4.0, "PhysicalSizeYUnit": "µm",
-        "Plane": {"PositionX": [100.0], "PositionXUnit": ["µm"],
-                  "PositionY": [50.0], "PositionYUnit": ["µm"]}})
+    tifffile.imwrite(
+        path,
+        arr,
+        ome=True,
+        metadata={
+            "axes": "YX",
+            "PhysicalSizeX": 8.0,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": 4.0,
+            "PhysicalSizeYUnit": "µm",
+            "Plane": {
+                "PositionX": [100.0],
+                "PositionXUnit": ["µm"],
+                "PositionY": [50.0],
+                "PositionYUnit": ["µm"],
+            },
+        },
+    )
     with pytest.raises(AttentionMapError, match="no level-0 placement"):
         read_attention_ome_tiff(path)
     m = read_attention_ome_tiff(path, slide_mpp=(0.5, 0.5))
@@ -139,8 +153,9 @@ def test_fallback_to_ome_physical_metadata(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(AttentionMapError, match="2-D"):
-        write_attention_ome_tiff(tmp_path / "a.ome.tif", np.zeros((2, 3, 4)), (0, 0, 1, 1),
-                                 None, "x")
+        write_attention_ome_tiff(
+            tmp_path / "a.ome.tif", np.zeros((2, 3, 4)), (0, 0, 1, 1), None, "x"
+        )
     with pytest.raises(AttentionMapError, match="box"):
         write_attention_ome_tiff(tmp_path / "a.ome.tif", _map(), (10, 0, 5, 1), None, "x")
     with pytest.raises(AttentionMapError, match="mpp"):

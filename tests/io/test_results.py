@@ -34,8 +34,10 @@ def _steps() -> list[MagnifyStep]:
             parent_ids=["1", "2"],
             boxes=np.array([[0, 0, 512, 512], [2048, 2048, 2560, 2560]], float),
             levels=np.array([0, 0]),
-            attention_maps=[rng.random((8, 8)).astype(np.float32),
-                            rng.random((8, 12)).astype(np.float32)],
+            attention_maps=[
+                rng.random((8, 8)).astype(np.float32),
+                rng.random((8, 12)).astype(np.float32),
+            ],
             attention_boxes=np.array([[0, 0, 2048, 2048], [2048, 2048, 5120, 4096]], float),
             attention_mass=np.array([0.7, 0.3]),
             scales=np.array([1.0, 1.0]),
@@ -44,20 +46,39 @@ def _steps() -> list[MagnifyStep]:
 
 
 def _result() -> MagnifyResult:
-    return MagnifyResult(probability=0.87, label=1, pixels_processed=123456,
-                         pixels_read=234567, seconds=1.25, model_name="demo",
-                         checkpoint_sha256="ab" * 32, config_hash="cafe1234")
+    return MagnifyResult(
+        probability=0.87,
+        label=1,
+        pixels_processed=123456,
+        pixels_read=234567,
+        seconds=1.25,
+        model_name="demo",
+        checkpoint_sha256="ab" * 32,
+        config_hash="cafe1234",
+    )
 
 
 def test_export_run(tmp_path):
     steps, result = _steps(), _result()
-    user = [Annotation(polygon=rectangle(10, 10, 500, 400), name="mine", classification="Tumor",
-                       review="accepted")]
+    user = [
+        Annotation(
+            polygon=rectangle(10, 10, 500, 400),
+            name="mine",
+            classification="Tumor",
+            review="accepted",
+        )
+    ]
     out = tmp_path / "run"
     written = export_run(out, tmp_path / "slide_007.tif", (0.25, 0.25), steps, result, user)
     names = [p.name for p in written]
-    assert names == ["rois.geojson", "annotations.geojson", "attention_L1_0.ome.tif",
-                     "attention_L2_0.ome.tif", "attention_L2_1.ome.tif", "result.json"]
+    assert names == [
+        "rois.geojson",
+        "annotations.geojson",
+        "attention_L1_0.ome.tif",
+        "attention_L2_0.ome.tif",
+        "attention_L2_1.ome.tif",
+        "result.json",
+    ]
     assert all(p.is_file() and p.parent == out for p in written)
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # nothing else, no temp files
 
@@ -82,8 +103,14 @@ def test_export_run(tmp_path):
     assert [lay["layer"] for lay in doc["layers"]] == [1, 2]
     l1 = doc["layers"][0]
     assert l1["n_regions"] == 2 and l1["aux_probability"] == 0.61
-    assert l1["regions"][0] == {"id": "1", "parent_id": "", "box": [0.0, 0.0, 2048.0, 2048.0],
-                                "level": 1, "attention_mass": 0.6, "scale": 0.5}
+    assert l1["regions"][0] == {
+        "id": "1",
+        "parent_id": "",
+        "box": [0.0, 0.0, 2048.0, 2048.0],
+        "level": 1,
+        "attention_mass": 0.6,
+        "scale": 0.5,
+    }
     assert doc["layers"][1]["attention_maps"][1]["file"] == "attention_L2_1.ome.tif"
     assert doc["layers"][1]["attention_maps"][1]["shape"] == [8, 12]
 
@@ -110,9 +137,12 @@ def test_export_run_without_result(tmp_path):
 
 
 def test_write_result_json(tmp_path):
-    p = write_result_json(tmp_path / "r.json", _result(), _steps(),
-                          {"note": np.float32(1.5), "bad": float("nan"),
-                           "arr": np.arange(3), "path": tmp_path})
+    p = write_result_json(
+        tmp_path / "r.json",
+        _result(),
+        _steps(),
+        {"note": np.float32(1.5), "bad": float("nan"), "arr": np.arange(3), "path": tmp_path},
+    )
     doc = json.loads(p.read_text())
     assert doc["note"] == 1.5 and doc["bad"] is None and doc["arr"] == [0, 1, 2]
     assert doc["path"] == str(tmp_path)
@@ -133,15 +163,23 @@ def test_export_run_with_review_states(tmp_path):
     steps, result = _steps(), _result()
     out = tmp_path / "run"
     states = {"1": ("Tumor", "accepted"), "2.1": ("", "rejected"), "gone": ("Other", "accepted")}
-    written = export_run(out, tmp_path / "slide_007.tif", (0.25, 0.5), steps, result, None,
-                         review_states=states)
+    written = export_run(
+        out, tmp_path / "slide_007.tif", (0.25, 0.5), steps, result, None, review_states=states
+    )
     assert [p.name for p in written][:2] == ["rois.geojson", "annotations.geojson"]
     doc = json.loads((out / "rois.geojson").read_text())
     ours = [f["properties"]["napari_magnet"] for f in doc["features"]]
     assert [o["review"] for o in ours] == ["accepted", "unreviewed", "unreviewed", "rejected"]
     assert all(o["kind"] == "roi" and o["mpp"] == [0.25, 0.5] for o in ours)
-    assert ours[2] == {"slide": "slide_007.tif", "region_id": "1.1", "parent_id": "1",
-                       "layer": 2, "kind": "roi", "mpp": [0.25, 0.5], "review": "unreviewed"}
+    assert ours[2] == {
+        "slide": "slide_007.tif",
+        "region_id": "1.1",
+        "parent_id": "1",
+        "layer": 2,
+        "kind": "roi",
+        "mpp": [0.25, 0.5],
+        "review": "unreviewed",
+    }
     rois = read_geojson(out / "rois.geojson")
     assert [a.classification for a in rois] == ["Tumor", None, None, None]
     assert rois[0].measurements["Probability"] == pytest.approx(0.87)
@@ -149,16 +187,18 @@ def test_export_run_with_review_states(tmp_path):
     plain = tmp_path / "plain"
     export_run(plain, tmp_path / "slide_007.tif", (0.25, 0.25), steps, result)
     assert [a.id for a in read_geojson(plain / "rois.geojson")] == [a.id for a in rois]
-    assert all("kind" not in a.properties["napari_magnet"]
-               for a in read_geojson(plain / "rois.geojson"))
+    assert all(
+        "kind" not in a.properties["napari_magnet"] for a in read_geojson(plain / "rois.geojson")
+    )
 
 
 def test_export_run_review_states_without_mpp_and_empty(tmp_path):
     export_run(tmp_path, "s.tif", None, _steps()[:1], None, review_states={})
-    ours = [f["properties"]["napari_magnet"]
-            for f in json.loads((tmp_path / "rois.geojson").read_text())["features"]]
-    assert all(o["kind"] == "roi" and "mpp" not in o and o["review"] == "unreviewed"
-               for o in ours)
+    ours = [
+        f["properties"]["napari_magnet"]
+        for f in json.loads((tmp_path / "rois.geojson").read_text())["features"]
+    ]
+    assert all(o["kind"] == "roi" and "mpp" not in o and o["review"] == "unreviewed" for o in ours)
 
 
 def test_export_run_roi_annotations_without_steps(tmp_path):
@@ -166,11 +206,18 @@ def test_export_run_roi_annotations_without_steps(tmp_path):
 
     # ROIs as the viewer's layers give them (a restored run: no steps)
     layer_rois = RoiTable.from_steps(_steps(), slide_name="s.tif").to_annotations(
-        mpp=(0.5, 0.5), mark_as_roi=True)
+        mpp=(0.5, 0.5), mark_as_roi=True
+    )
     layer_rois[1].review = "accepted"
-    written = export_run(tmp_path / "run", "s.tif", (0.5, 0.5), [], None,
-                         review_states={"2.1": ("Normal", "rejected")},
-                         roi_annotations=layer_rois)
+    written = export_run(
+        tmp_path / "run",
+        "s.tif",
+        (0.5, 0.5),
+        [],
+        None,
+        review_states={"2.1": ("Normal", "rejected")},
+        roi_annotations=layer_rois,
+    )
     assert [p.name for p in written] == ["rois.geojson", "annotations.geojson", "result.json"]
     rois = read_geojson(tmp_path / "run" / "rois.geojson")
     assert [a.name for a in rois] == ["1", "2", "1.1", "2.1"]
@@ -184,6 +231,12 @@ def test_export_run_roi_annotations_without_steps(tmp_path):
 
 def test_export_run_bad_review_state_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="review states"):
-        export_run(tmp_path / "out", "s.tif", None, _steps(), _result(),
-                   review_states={"1": ("Tumor", "maybe")})
+        export_run(
+            tmp_path / "out",
+            "s.tif",
+            None,
+            _steps(),
+            _result(),
+            review_states={"1": ("Tumor", "maybe")},
+        )
     assert not (tmp_path / "out").exists()

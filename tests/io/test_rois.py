@@ -41,12 +41,19 @@ def _steps() -> list[MagnifyStep]:
         region_ids=["1.1", "1.2", "2.1", "3.1"],
         parent_ids=["1", "1", "2", "3"],
         boxes=np.array(
-            [[0, 0, 1024, 1024], [1024, 0, 2048, 1024], [4096, 0, 5120, 1024],
-             [0, 4096, 1024, 5120]], float),
+            [
+                [0, 0, 1024, 1024],
+                [1024, 0, 2048, 1024],
+                [4096, 0, 5120, 1024],
+                [0, 4096, 1024, 5120],
+            ],
+            float,
+        ),
         levels=np.array([0, 0, 0, 0]),
         attention_maps=[rng.random((16, 16)).astype(np.float32) for _ in range(3)],
-        attention_boxes=np.array([[0, 0, 4096, 4096], [4096, 0, 8192, 4096],
-                                  [0, 4096, 4096, 8192]], float),
+        attention_boxes=np.array(
+            [[0, 0, 4096, 4096], [4096, 0, 8192, 4096], [0, 4096, 4096, 8192]], float
+        ),
         attention_mass=np.array([0.2, 0.3, 0.25, 0.25]),
         scales=np.array([1.0, 1.0, 1.0, 1.0]),
         aux_probability=None,
@@ -61,8 +68,7 @@ def _steps() -> list[MagnifyStep]:
 
 def test_from_steps_to_annotations(tmp_path):
     steps = _steps()
-    anns = RoiTable.from_steps(steps, slide_name="slide_001.tif",
-                               probability=0.83).to_annotations()
+    anns = RoiTable.from_steps(steps, slide_name="slide_001.tif", probability=0.83).to_annotations()
     assert [a.name for a in anns] == ["1", "2", "3", "1.1", "1.2", "2.1", "3.1"]
     assert all(a.classification is None and a.review == "unreviewed" for a in anns)
     np.testing.assert_allclose(anns[1].polygon, rectangle(4096, 0, 8192, 4096))
@@ -84,8 +90,9 @@ def test_from_steps_to_annotations(tmp_path):
     assert branch_color("2.1") == anns[5].color
     # lineage recorded, ids stable
     assert anns[3].properties["napari_magnet"]["parent_id"] == "1"
-    again = RoiTable.from_steps(steps, slide_name="slide_001.tif",
-                                probability=0.83).to_annotations()
+    again = RoiTable.from_steps(
+        steps, slide_name="slide_001.tif", probability=0.83
+    ).to_annotations()
     assert [a.id for a in again] == [a.id for a in anns]
     assert len({a.id for a in anns}) == len(anns)
     # and they survive a file round trip
@@ -97,15 +104,31 @@ def test_from_steps_to_annotations(tmp_path):
 
 
 def test_from_steps_without_optional_fields():
-    step = MagnifyStep(layer=1, region_ids=["1"], parent_ids=[""],
-                       boxes=np.array([[0, 0, 10, 10]], float), levels=np.array([0]),
-                       attention_maps=[], attention_boxes=np.zeros((0, 4)))
+    step = MagnifyStep(
+        layer=1,
+        region_ids=["1"],
+        parent_ids=[""],
+        boxes=np.array([[0, 0, 10, 10]], float),
+        levels=np.array([0]),
+        attention_maps=[],
+        attention_boxes=np.zeros((0, 4)),
+    )
     (ann,) = RoiTable.from_steps([step], slide_name="s", probability=None).to_annotations()
     assert set(ann.measurements) == {MEASUREMENT_NAMES["level"], MEASUREMENT_NAMES["layer"]}
     with pytest.raises(ValueError, match="region ids"):
-        RoiTable.from_steps([MagnifyStep(layer=1, region_ids=["1", "2"], parent_ids=["", ""],
-                                         boxes=np.zeros((1, 4)), levels=np.zeros(1),
-                                         attention_maps=[], attention_boxes=np.zeros((0, 4)))])
+        RoiTable.from_steps(
+            [
+                MagnifyStep(
+                    layer=1,
+                    region_ids=["1", "2"],
+                    parent_ids=["", ""],
+                    boxes=np.zeros((1, 4)),
+                    levels=np.zeros(1),
+                    attention_maps=[],
+                    attention_boxes=np.zeros((0, 4)),
+                )
+            ]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,8 +169,12 @@ def test_roi_layer_to_annotations_and_back():
 
 def _assert_same_rows(a: RoiTable, b: RoiTable) -> None:
     assert len(a) == len(b)
-    assert (a.ids, a.parent_ids, a.classes, a.reviews) == (b.ids, b.parent_ids, b.classes,
-                                                             b.reviews)
+    assert (a.ids, a.parent_ids, a.classes, a.reviews) == (
+        b.ids,
+        b.parent_ids,
+        b.classes,
+        b.reviews,
+    )
     np.testing.assert_array_equal(a.layers, b.layers)
     np.testing.assert_array_equal(a.levels, b.levels)
     np.testing.assert_allclose(a.boxes, b.boxes, rtol=1e-12)
@@ -167,8 +194,15 @@ def test_steps_to_table_to_geojson_features_to_table():
     # what the writer puts in a file, feature for feature
     assert features == json.loads(json.dumps(features))
     ours = features[0]["properties"]["napari_magnet"]
-    assert ours == {"slide": "slide_001.tif", "region_id": "1", "parent_id": "", "layer": 1,
-                    "kind": "roi", "mpp": list(MPP), "review": "accepted"}
+    assert ours == {
+        "slide": "slide_001.tif",
+        "region_id": "1",
+        "parent_id": "",
+        "layer": 1,
+        "kind": "roi",
+        "mpp": list(MPP),
+        "review": "accepted",
+    }
     assert features[0]["properties"]["classification"]["name"] == "Tumor"
     assert "Attention mass" not in features[3]["properties"]["measurements"]
     back = RoiTable.from_geojson_features(json.loads(json.dumps(features)))
@@ -182,7 +216,8 @@ def test_steps_to_table_to_geojson_features_to_table():
 
 def test_table_to_layer_data_to_table():
     table = RoiTable.from_steps(_steps(), probability=0.5).with_review(
-        {"1.2": ("Other", "accepted")})
+        {"1.2": ("Other", "accepted")}
+    )
     data = table.to_layer_data(MPP)
     assert data.shape_types == ["rectangle"] * len(table)
     assert list(data.features) == list(ROI_FEATURES)
@@ -197,20 +232,26 @@ def test_table_to_layer_data_to_table():
         np.testing.assert_allclose(a, b, rtol=1e-12)
     # a layer scaled and shifted (data → world) lands on the same level-0 boxes
     shifted = [(r - [3.0, 4.0]) / 2.0 for r in data.rects]
-    moved = RoiTable.from_layer(shifted, data.features, MPP, scale=(2.0, 2.0),
-                                translate=(3.0, 4.0))
+    moved = RoiTable.from_layer(shifted, data.features, MPP, scale=(2.0, 2.0), translate=(3.0, 4.0))
     np.testing.assert_allclose(moved.boxes, table.boxes, rtol=1e-12)
 
 
 def test_from_layer_skips_lines_reads_ellipses_and_fills_missing_columns():
-    rects = [box_to_world_rect((0, 0, 100, 50), None), np.array([[0.0, 0.0], [5.0, 5.0]]),
-             box_to_world_rect((10, 10, 20, 20), None)]
-    features = {"id": [float("nan"), "x", None], "name": ["from name", "", "n3"],
-                "class": ["Tumor", "", None], "review": ["bogus", "accepted", "rejected"],
-                "level": [1.0, 2.0, float("nan")]}
-    table = RoiTable.from_layer(rects, features, None,
-                                shape_types=["ellipse", "line", "rectangle"],
-                                slide_name="")
+    rects = [
+        box_to_world_rect((0, 0, 100, 50), None),
+        np.array([[0.0, 0.0], [5.0, 5.0]]),
+        box_to_world_rect((10, 10, 20, 20), None),
+    ]
+    features = {
+        "id": [float("nan"), "x", None],
+        "name": ["from name", "", "n3"],
+        "class": ["Tumor", "", None],
+        "review": ["bogus", "accepted", "rejected"],
+        "level": [1.0, 2.0, float("nan")],
+    }
+    table = RoiTable.from_layer(
+        rects, features, None, shape_types=["ellipse", "line", "rectangle"], slide_name=""
+    )
     assert table.ids == ("from name", "n3")
     assert table.classes == ("Tumor", "") and table.reviews == ("unreviewed", "rejected")
     assert table.levels.tolist() == [1, -1] and table.layers.tolist() == [0, 0]
@@ -240,7 +281,7 @@ def test_table_checks_and_is_read_only():
 
 def test_to_geojson_features_match_the_written_file(tmp_path):
     table = RoiTable.from_steps(_steps(), slide_name="s.tif").with_review(
-        {"3.1": ("Normal", "accepted")})
+        {"3.1": ("Normal", "accepted")}
+    )
     path = write_geojson(tmp_path / "rois.geojson", table.to_annotations(mark_as_roi=True))
-    assert json.loads(path.read_text())["features"] == table.to_geojson_features(
-        mark_as_roi=True)
+    assert json.loads(path.read_text())["features"] == table.to_geojson_features(mark_as_roi=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
 import json
 import pathlib
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,8 +26,8 @@ from napari_magnet.models.checkpoints import (
     save_checkpoint,
     sha256_of,
 )
-from napari_magnet.models.magnet import MAGNET_CONFIGS, MagNet
 from napari_magnet.models.family import Family, register_family, unregister_family
+from napari_magnet.models.magnet import MAGNET_CONFIGS, MagNet
 from napari_magnet.models.registry import load_model, resolve_device
 
 LITE = MAGNET_CONFIGS["magnet3-lite"]
@@ -176,9 +176,15 @@ def test_architecture_mismatch_and_registered_architecture(tmp_path, monkeypatch
         load_state_into(MagNet(LITE), w)
     with pytest.raises(CheckpointError, match="unknown architecture 'tiny-test'"):
         load_checkpoint(w)
-    register_family(Family(architecture="tiny-test", config_class=dict,
-                           build=lambda cfg: _Tiny(int(cfg["width"])), configs={},
-                           magnify=lambda *a: iter(())))
+    register_family(
+        Family(
+            architecture="tiny-test",
+            config_class=dict,
+            build=lambda cfg: _Tiny(int(cfg["width"])),
+            configs={},
+            magnify=lambda *a: iter(()),
+        )
+    )
     try:
         loaded = load_checkpoint(w)
     finally:
@@ -282,8 +288,9 @@ def test_payload_is_live(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["raw.pkl", "raw.pt", "zip.pt", "zip.pth", "raw.safetensors",
-                                  "zip.safetensors"])
+@pytest.mark.parametrize(
+    "kind", ["raw.pkl", "raw.pt", "zip.pt", "zip.pth", "raw.safetensors", "zip.safetensors"]
+)
 def test_pickles_are_refused_without_running(tmp_path, kind):
     marker = tmp_path / "pwned"
     fmt, suffix = kind.split(".")
@@ -335,8 +342,13 @@ def test_unknown_name_and_demo(tmp_path, monkeypatch):
 
 
 def _tiny_family(configs):
-    return Family(architecture="tiny-arch", config_class=dict, build=lambda c: _Tiny(3),
-                  configs=configs, magnify=lambda *a: iter(()))
+    return Family(
+        architecture="tiny-arch",
+        config_class=dict,
+        build=lambda c: _Tiny(3),
+        configs=configs,
+        magnify=lambda *a: iter(()),
+    )
 
 
 def test_register_config_and_devices():
@@ -348,11 +360,13 @@ def test_register_config_and_devices():
         with pytest.raises(ValueError, match="already registered"):
             register_family(_tiny_family({"tiny": lambda: _Tiny(5)}))
         with pytest.raises(ValueError, match="already registered"):
-            register_family(replace(_tiny_family({"magnet3": lambda: _Tiny(5)}),
-                                    architecture="other-arch"))
+            register_family(
+                replace(_tiny_family({"magnet3": lambda: _Tiny(5)}), architecture="other-arch")
+            )
         with pytest.raises(ValueError, match="reserved"):
-            register_family(replace(_tiny_family({"demo": lambda: _Tiny(5)}),
-                                    architecture="other-arch"))
+            register_family(
+                replace(_tiny_family({"demo": lambda: _Tiny(5)}), architecture="other-arch")
+            )
     finally:
         unregister_family("tiny-arch")
     assert "tiny" not in registry.known_models()

@@ -14,8 +14,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _bilinear(image: torch.Tensor, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=align_corners)
+    return F.grid_sample(
+        image, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners
+    )
 
 
 def _random_case(seed: int, dtype: torch.dtype, device: str = "cpu"):
@@ -32,18 +33,24 @@ def _ramp_case(align_corners: bool, dtype: torch.dtype, device: str = "cpu"):
     h, w = 48, 64
     a = torch.randn(3, generator=g, dtype=dtype)
     b = torch.randn(3, generator=g, dtype=dtype)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij"
+    )
     image = (a[:, None, None] * xs + b[:, None, None] * ys + 0.5)[None].repeat(2, 1, 1, 1)
-    theta = torch.tensor([[[0.3, 0.1, 0.05], [-0.1, 0.3, 0.0]],
-                          [[0.2, 0.0, -0.1], [0.0, 0.25, 0.1]]], dtype=dtype)
+    theta = torch.tensor(
+        [[[0.3, 0.1, 0.05], [-0.1, 0.3, 0.0]], [[0.2, 0.0, -0.1], [0.0, 0.25, 0.1]]], dtype=dtype
+    )
     grid = F.affine_grid(theta, [2, 3, 6, 7], align_corners=align_corners)  # |grid| < 0.5
     grad_out = torch.randn(2, 3, 6, 7, generator=g, dtype=dtype)
     sx = (w - 1) / 2 if align_corners else w / 2
     sy = (h - 1) / 2 if align_corners else h / 2
     expected = torch.stack(
-        (torch.einsum("nchw,c->nhw", grad_out, a) * sx,
-         torch.einsum("nchw,c->nhw", grad_out, b) * sy), dim=-1)
+        (
+            torch.einsum("nchw,c->nhw", grad_out, a) * sx,
+            torch.einsum("nchw,c->nhw", grad_out, b) * sy,
+        ),
+        dim=-1,
+    )
     return image.to(device), grid.to(device), grad_out.to(device), expected.to(device)
 
 
@@ -53,10 +60,12 @@ def test_forward_equals_bilinear(align_corners: bool, dtype: torch.dtype) -> Non
     image, grid, _ = _random_case(0, dtype)
     expected = _bilinear(image, grid, align_corners)
     with torch.no_grad():
-        assert torch.equal(linearized_grid_sample(image, grid, align_corners=align_corners),
-                           expected)
-    out = linearized_grid_sample(image.requires_grad_(), grid.requires_grad_(),
-                                 align_corners=align_corners)
+        assert torch.equal(
+            linearized_grid_sample(image, grid, align_corners=align_corners), expected
+        )
+    out = linearized_grid_sample(
+        image.requires_grad_(), grid.requires_grad_(), align_corners=align_corners
+    )
     assert out.requires_grad
     assert torch.equal(out.detach(), expected)
 
@@ -73,7 +82,8 @@ def test_image_gradient_equals_bilinear(align_corners: bool) -> None:
     # The map is linear in the image, so the image gradient is the true derivative.
     assert torch.autograd.gradcheck(
         lambda x: linearized_grid_sample(x, grid[:1], align_corners=align_corners),
-        (image[:1, :2, :6, :7].clone().requires_grad_(),))
+        (image[:1, :2, :6, :7].clone().requires_grad_(),),
+    )
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -94,8 +104,9 @@ def test_generator_makes_gradient_reproducible() -> None:
 
     def grad(seed: int) -> torch.Tensor:
         grd = grid.clone().requires_grad_()
-        linearized_grid_sample(image, grd, align_corners=False,
-                               generator=torch.Generator().manual_seed(seed)).backward(grad_out)
+        linearized_grid_sample(
+            image, grd, align_corners=False, generator=torch.Generator().manual_seed(seed)
+        ).backward(grad_out)
         return grd.grad
 
     assert torch.equal(grad(5), grad(5))
@@ -135,16 +146,19 @@ def test_invalid_arguments() -> None:
 
 # --- the point of the method: grid gradients under strong downscaling --------------------
 
+
 def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     r = int(math.ceil(3 * sigma))
     x = torch.arange(-r, r + 1, dtype=img.dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
     c = img.shape[1]
-    img = F.conv2d(F.pad(img, (r, r, 0, 0), mode="reflect"),
-                   k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(img, (0, 0, r, r), mode="reflect"),
-                    k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    img = F.conv2d(
+        F.pad(img, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c
+    )
+    return F.conv2d(
+        F.pad(img, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c
+    )
 
 
 def _pink_noise(g: torch.Generator, size: int) -> torch.Tensor:
@@ -178,8 +192,13 @@ def _theta_gradients(seed: int, downscale: int, n_aux: int = 7):
         th = theta.clone().requires_grad_()
         grid = F.affine_grid(th, [n, 3, out, out], align_corners=False)
         if linearized:
-            o = linearized_grid_sample(image, grid, align_corners=False, n_aux=n_aux,
-                                       generator=torch.Generator().manual_seed(100 + seed))
+            o = linearized_grid_sample(
+                image,
+                grid,
+                align_corners=False,
+                n_aux=n_aux,
+                generator=torch.Generator().manual_seed(100 + seed),
+            )
         else:
             o = _bilinear(image, grid, False)
         (o * weights).sum().backward()
@@ -213,11 +232,14 @@ def test_grid_gradient_tracks_smoothed_image_under_downscaling(downscale: int) -
     for seed in seeds:
         ours, bil, ref = _theta_gradients(seed, downscale)
         figures.append(_errors(ours, ref) + _errors(bil, ref))
-    rel_ours, cos_ours, rel_bil, cos_bil = (sum(f[k] for f in figures) / len(figures)
-                                            for k in range(4))
-    msg = (f"{downscale}x downscale, mean over seeds {list(seeds)}: relative error "
-           f"ours {rel_ours:.3f} vs bilinear {rel_bil:.3f}; cosine ours {cos_ours:.3f} vs "
-           f"bilinear {cos_bil:.3f}")
+    rel_ours, cos_ours, rel_bil, cos_bil = (
+        sum(f[k] for f in figures) / len(figures) for k in range(4)
+    )
+    msg = (
+        f"{downscale}x downscale, mean over seeds {list(seeds)}: relative error "
+        f"ours {rel_ours:.3f} vs bilinear {rel_bil:.3f}; cosine ours {cos_ours:.3f} vs "
+        f"bilinear {cos_bil:.3f}"
+    )
     print(msg)
     assert rel_ours < 0.4 * rel_bil, msg
     assert cos_ours > cos_bil + 0.15, msg
@@ -237,13 +259,16 @@ def test_grid_gradient_converges_to_smoothed_gradient_with_more_samples() -> Non
 
 # --- affine_sample ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_affine_sample_gradient_reaches_theta(align_corners: bool) -> None:
     g = torch.Generator().manual_seed(4)
     image = torch.randn(2, 3, 112, 112, generator=g, dtype=torch.float64).requires_grad_()
-    theta = torch.tensor([[[0.5, 0.0, 0.2], [0.0, 0.5, -0.1]],
-                          [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64,
-                         requires_grad=True)
+    theta = torch.tensor(
+        [[[0.5, 0.0, 0.2], [0.0, 0.5, -0.1]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     out = affine_sample(image, theta, 56, align_corners=align_corners)
     assert out.shape == (2, 3, 56, 56) and out.dtype == torch.float64
     plain = affine_sample(image, theta, 56, align_corners=align_corners, linearized=False)
@@ -266,6 +291,7 @@ def test_affine_sample_under_inference_mode() -> None:
 
 # --- CUDA ------------------------------------------------------------------------------
 
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
@@ -284,8 +310,9 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     assert torch.isfinite(grd.grad).all()
     # A CPU generator drives CUDA tensors too.
     grd2 = grid.clone().requires_grad_()
-    linearized_grid_sample(image, grd2, align_corners=True,
-                           generator=torch.Generator().manual_seed(0)).backward(grad_out)
+    linearized_grid_sample(
+        image, grd2, align_corners=True, generator=torch.Generator().manual_seed(0)
+    ).backward(grad_out)
     assert torch.isfinite(grd2.grad).all()
 
 
@@ -307,8 +334,9 @@ def test_affine_sample_under_cpu_bf16_autocast_keeps_fp32_geometry():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = affine_sample(image.bfloat16(), theta, 16, align_corners=False)
     assert out.dtype == torch.float32
-    reference = affine_sample(image.bfloat16().float(), theta.detach(), 16,
-                              align_corners=False, linearized=False)
+    reference = affine_sample(
+        image.bfloat16().float(), theta.detach(), 16, align_corners=False, linearized=False
+    )
     torch.testing.assert_close(out.detach(), reference)
     out.sum().backward()
     assert theta.grad is not None and torch.isfinite(theta.grad).all()

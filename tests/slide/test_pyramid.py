@@ -43,8 +43,9 @@ def random_windows(rng, slide, level, count=12):
     return windows
 
 
-@pytest.mark.parametrize("name", ["boxes.tiff", "hamamatsu_fluorescence_DAPI.ndpi",
-                                  "CMU-1-Small-Region.svs"])
+@pytest.mark.parametrize(
+    "name", ["boxes.tiff", "hamamatsu_fluorescence_DAPI.ndpi", "CMU-1-Small-Region.svs"]
+)
 def test_every_level_matches_openslide_read_region(name):
     path = wsi(name)
     rng = np.random.default_rng(7)
@@ -54,7 +55,7 @@ def test_every_level_matches_openslide_read_region(name):
             ds = slide.level_downsamples[level]
             array = slide.pyramid[level]
             for x, y, w, h in random_windows(rng, slide, level):
-                ours = np.asarray(array[y:y + h, x:x + w])
+                ours = np.asarray(array[y : y + h, x : x + w])
                 location = (int(round(x * ds)), int(round(y * ds)))
                 theirs = np.asarray(osr.read_region(location, level, (w, h)))[..., :3]
                 np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} L{level} {x},{y}")
@@ -75,8 +76,9 @@ def test_fast_path_equals_openslide_path_on_cmu(cmu_path):
         np.testing.assert_array_equal(fast.pyramid[0].compute(), whole)
         # Windows spanning many chunks, starting on and off the chunk grid.
         np.testing.assert_array_equal(fast.read_level(0, 0, 0, 2220, 2967), whole)
-        np.testing.assert_array_equal(fast.read_level(0, 720, 0, 1500, 1000),
-                                      whole[:1000, 720:2220])
+        np.testing.assert_array_equal(
+            fast.read_level(0, 720, 0, 1500, 1000), whole[:1000, 720:2220]
+        )
         np.testing.assert_array_equal(fast.read_level(0, 5, 7, 1000, 900), whole[7:907, 5:1005])
 
 
@@ -151,8 +153,9 @@ def test_broken_handle_is_reopened_not_retried(tmp_path, cmu_path):
     with pytest.raises(openslide.OpenSlideError):
         osr.read_region((1000, 1000), 0, (64, 64))
     good = backend.read_level(0, 1000, 1000, 64, 64)
-    reference = np.asarray(openslide.OpenSlide(str(cmu_path)).read_region((1000, 1000), 0,
-                                                                         (64, 64)))[..., :3]
+    reference = np.asarray(
+        openslide.OpenSlide(str(cmu_path)).read_region((1000, 1000), 0, (64, 64))
+    )[..., :3]
     np.testing.assert_array_equal(good, reference)
     backend.close()
 
@@ -169,5 +172,4 @@ def test_level_slices_carry_only_the_chunks_they_touch(ndpi_path):
         np.testing.assert_array_equal(np.asarray(level0[5:9, 7:8, 1]), whole[5:9, 7:8, 1])
         np.testing.assert_array_equal(np.asarray(level0[::97, ::101]), whole[::97, ::101])
         np.testing.assert_array_equal(np.asarray(level0[-20:, -30:]), whole[-20:, -30:])
-        assert int(level0[100:200, 100:300].sum().compute()) == int(
-            whole[100:200, 100:300].sum())
+        assert int(level0[100:200, 100:300].sum().compute()) == int(whole[100:200, 100:300].sum())

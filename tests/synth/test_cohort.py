@@ -62,8 +62,9 @@ def test_weighted_positives_in_parallel_give_the_serial_cohort(tmp_path, cohort)
     assert [info.lesion_kind for info in parallel] == kinds
     for a, b in zip(serial, parallel):
         assert a.path.read_bytes() == b.path.read_bytes()
-    assert (tmp_path / "serial" / "cohort.csv").read_text() == \
-        (tmp_path / "parallel" / "cohort.csv").read_text()
+    assert (tmp_path / "serial" / "cohort.csv").read_text() == (
+        tmp_path / "parallel" / "cohort.csv"
+    ).read_text()
     # without positives, a cohort is what it always was: every fitting class in turn
     infos, _ = cohort
     assert {"macro", "micro", "itc"} == {i.lesion_kind for i in infos if i.label == 1}

@@ -54,8 +54,9 @@ def test_other_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="positives must name"):
         generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, positives=["tumour"])
     with pytest.raises(ValueError, match="too small for"):  # 1 mm: no room for a macro lesion
-        generate_cohort(tmp_path, n=2, seed=0, width=1024, height=1024, mpp=1.0,
-                        positives=["macro"])
+        generate_cohort(
+            tmp_path, n=2, seed=0, width=1024, height=1024, mpp=1.0, positives=["macro"]
+        )
     with pytest.raises(ValueError, match="jobs"):
         generate_cohort(tmp_path, n=2, seed=0, width=4096, height=4096, jobs=0)
     assert not list(tmp_path.iterdir())  # nothing written on bad arguments

@@ -224,10 +224,15 @@ def find_annotations_layer(viewer: napari.Viewer, slide_path: str) -> Any:
     return found[0] if found else None
 
 
-def add_annotations_layer(viewer: napari.Viewer, slide_layer: Any,
-                          annotations: Sequence[Annotation] = (), *,
-                          kind: str = "annotations", name: str | None = None,
-                          classes: ClassProvider = default_classes) -> Any:
+def add_annotations_layer(
+    viewer: napari.Viewer,
+    slide_layer: Any,
+    annotations: Sequence[Annotation] = (),
+    *,
+    kind: str = "annotations",
+    name: str | None = None,
+    classes: ClassProvider = default_classes,
+) -> Any:
     """Add a Shapes layer of annotations over a slide, styled, review keys bound.
 
     Parameters
@@ -258,11 +263,14 @@ def add_annotations_layer(viewer: napari.Viewer, slide_layer: Any,
     layer = viewer.add_shapes(
         shapes.data if shapes.data else None,
         shape_type=shapes.shape_types if shapes.data else "rectangle",
-        features=shapes.features if shapes.data else {"class": np.array([], dtype=object),
-                                                      "review": np.array([], dtype=object),
-                                                      "name": np.array([], dtype=object)},
-        feature_defaults={"class": names[0] if names else "", "review": "unreviewed",
-                          "name": ""},
+        features=shapes.features
+        if shapes.data
+        else {
+            "class": np.array([], dtype=object),
+            "review": np.array([], dtype=object),
+            "name": np.array([], dtype=object),
+        },
+        feature_defaults={"class": names[0] if names else "", "review": "unreviewed", "name": ""},
         edge_width=w0,
         name=name or annotations_layer_name(slide_layer),
         metadata=meta,
@@ -300,9 +308,13 @@ def _split_saved(annotations: Sequence[Annotation]) -> tuple[list, dict[int, lis
     return plain, rois
 
 
-def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
-                        data_dir: str | os.PathLike | None = None,
-                        classes: ClassProvider = default_classes) -> Any:
+def restore_annotations(
+    viewer: napari.Viewer,
+    slide_layer: Any,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    classes: ClassProvider = default_classes,
+) -> Any:
     """The slide's Annotations layer, created from its autosave when there is one.
 
     Returns the existing layer when the viewer already has one for this slide. Saved ROIs of
@@ -339,10 +351,12 @@ def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 annotations = load_geojson(
-                    path, max_extent=slide_layer.metadata["slide"].dimensions).annotations
+                    path, max_extent=slide_layer.metadata["slide"].dimensions
+                ).annotations
         except GeoJSONError as exc:
-            show_error(f"napari-magnet: could not restore the annotations of "
-                       f"{slide_layer.name}: {exc}")
+            show_error(
+                f"napari-magnet: could not restore the annotations of {slide_layer.name}: {exc}"
+            )
             try:
                 os.replace(path, path.with_name(path.name + ".unreadable"))
             except OSError:
@@ -351,9 +365,17 @@ def restore_annotations(viewer: napari.Viewer, slide_layer: Any, *,
     plain, rois = _split_saved(annotations)
     for layer_no in sorted(rois):
         restored = RoiTable.from_annotations(rois[layer_no]).to_layer_data(
-            slide_layer.metadata.get("mpp"))
-        roi_layer = add_roi_layer(viewer, slide_layer, restored.rects, restored.features,
-                                  layer_no, run="restored", committed=True)
+            slide_layer.metadata.get("mpp")
+        )
+        roi_layer = add_roi_layer(
+            viewer,
+            slide_layer,
+            restored.rects,
+            restored.features,
+            layer_no,
+            run="restored",
+            committed=True,
+        )
         bind_review_keys(roi_layer, classes)
     return add_annotations_layer(viewer, slide_layer, plain, classes=classes)
 
@@ -376,9 +398,15 @@ def layer_annotations(layer: Any) -> list[Annotation]:
     meta = layer.metadata
     kind = "roi" if layer_kind(layer) == "rois" else "annotation"
     anns, _ = shapes_to_annotations(
-        layer.data, layer.shape_type, layer.features, meta.get("mpp"),
-        scale=tuple(layer.scale), translate=tuple(layer.translate), kind=kind,
-        slide_name=str(meta.get("slide_name", "")))
+        layer.data,
+        layer.shape_type,
+        layer.features,
+        meta.get("mpp"),
+        scale=tuple(layer.scale),
+        translate=tuple(layer.translate),
+        kind=kind,
+        slide_name=str(meta.get("slide_name", "")),
+    )
     return anns
 
 
@@ -425,9 +453,15 @@ class AnnotationAutosaver(QObject):
         Debounce interval: the file is written this long after the last change.
     """
 
-    def __init__(self, viewer: napari.Viewer, slide_path: str, *,
-                 data_dir: str | os.PathLike | None = None,
-                 delay_ms: int = DEFAULT_DELAY_MS, parent: QObject | None = None) -> None:
+    def __init__(
+        self,
+        viewer: napari.Viewer,
+        slide_path: str,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        delay_ms: int = DEFAULT_DELAY_MS,
+        parent: QObject | None = None,
+    ) -> None:
         super().__init__(parent)
         self._viewer = weakref.ref(viewer)
         self.slide_path = str(slide_path)
@@ -458,8 +492,10 @@ class AnnotationAutosaver(QObject):
         if layer not in self._watched:
             return
         self._watched.discard(layer)
-        for emitter, cb in ((layer.events.data, self._on_data),
-                            (layer.events.features, self.schedule)):
+        for emitter, cb in (
+            (layer.events.data, self._on_data),
+            (layer.events.features, self.schedule),
+        ):
             try:
                 emitter.disconnect(cb)
             except (TypeError, ValueError, RuntimeError):  # pragma: no cover
@@ -508,8 +544,9 @@ class AnnotationAutosaver(QObject):
             show_error(f"napari-magnet autosave: {self.last_error}")
             return None
         target = save_path(self.slide_path, self.data_dir)
-        if (saved_path(self.slide_path, self.data_dir) is None
-                and not any(_is_user_content(a) for a in annotations)):
+        if saved_path(self.slide_path, self.data_dir) is None and not any(
+            _is_user_content(a) for a in annotations
+        ):
             return None  # nothing drawn or reviewed yet: leave no file next to the slide
         candidates = [target]
         fallback = fallback_path(self.slide_path, self.data_dir)
@@ -532,8 +569,11 @@ class AnnotationAutosaver(QObject):
 
 def _is_user_content(annotation: Annotation) -> bool:
     """A drawn/imported annotation, or an ROI someone classified or reviewed."""
-    ours = annotation.properties.get(PROPERTIES_KEY) if isinstance(annotation.properties,
-                                                                  dict) else None
+    ours = (
+        annotation.properties.get(PROPERTIES_KEY)
+        if isinstance(annotation.properties, dict)
+        else None
+    )
     if not (isinstance(ours, dict) and ours.get("kind") == "roi"):
         return True
     return bool(annotation.classification) or annotation.review != "unreviewed"
@@ -578,8 +618,23 @@ def slide_of_layer(viewer: napari.Viewer, layer: Any) -> Any:
 
 
 __all__ = [
-    "AnnotationAutosaver", "CLASS_KEYS", "DATA_DIR_ENV", "REVIEW_KEYS", "SIDECAR_SUFFIX",
-    "add_annotations_layer", "bind_review_keys", "collect_annotations", "data_dir",
-    "fallback_path", "find_annotations_layer", "folder_writable", "layer_annotations",
-    "restore_annotations", "save_path", "saved_path", "set_class", "set_review", "sidecar_path",
+    "AnnotationAutosaver",
+    "CLASS_KEYS",
+    "DATA_DIR_ENV",
+    "REVIEW_KEYS",
+    "SIDECAR_SUFFIX",
+    "add_annotations_layer",
+    "bind_review_keys",
+    "collect_annotations",
+    "data_dir",
+    "fallback_path",
+    "find_annotations_layer",
+    "folder_writable",
+    "layer_annotations",
+    "restore_annotations",
+    "save_path",
+    "saved_path",
+    "set_class",
+    "set_review",
+    "sidecar_path",
 ]

@@ -20,8 +20,9 @@ def _wait(app, condition, timeout: float) -> bool:
     return True
 
 
-def run_demo(headless: bool, out_dir: Path, model: str | None = None,
-             timeout: float = 600.0) -> int:
+def run_demo(
+    headless: bool, out_dir: Path, model: str | None = None, timeout: float = 600.0
+) -> int:
     """Open the viewer with the small synthetic slide and run Magnify on it.
 
     Parameters

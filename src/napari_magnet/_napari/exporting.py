@@ -73,9 +73,11 @@ def collect_export(viewer: Any, slide_layer: Any, run: Any = None) -> ExportReco
     """
     slide_path = str(slide_path_of(slide_layer))
     mpp = slide_layer.metadata.get("mpp")
-    annotations = [a for layer in layers_of(viewer, slide_path, kinds=("annotations",
-                                                                        "imported"))
-                   for a in layer_annotations(layer)]
+    annotations = [
+        a
+        for layer in layers_of(viewer, slide_path, kinds=("annotations", "imported"))
+        for a in layer_annotations(layer)
+    ]
     roi_layers = layers_of(viewer, slide_path, kinds=("rois",))
     steps = tuple(run.steps) if run is not None else ()
     return ExportRecord(
@@ -85,8 +87,9 @@ def collect_export(viewer: Any, slide_layer: Any, run: Any = None) -> ExportReco
         result=run.result if run is not None else None,
         annotations=tuple(annotations),
         review_states=roi_review_states(roi_layers),
-        roi_annotations=() if steps else tuple(a for layer in roi_layers
-                                               for a in layer_annotations(layer)),
+        roi_annotations=()
+        if steps
+        else tuple(a for layer in roi_layers for a in layer_annotations(layer)),
     )
 
 
@@ -102,7 +105,13 @@ def write_export(record: ExportRecord, folder: str | Path) -> list[Path]:
     """
     from ..io.results import export_run
 
-    return export_run(folder, record.slide_path, record.mpp, list(record.steps),
-                      record.result, list(record.annotations),
-                      review_states=dict(record.review_states),
-                      roi_annotations=list(record.roi_annotations))
+    return export_run(
+        folder,
+        record.slide_path,
+        record.mpp,
+        list(record.steps),
+        record.result,
+        list(record.annotations),
+        review_states=dict(record.review_states),
+        roi_annotations=list(record.roi_annotations),
+    )

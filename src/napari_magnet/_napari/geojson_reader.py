@@ -91,12 +91,18 @@ def geojson_layer_tuple(path: str) -> tuple:
     mpp = recorded_mpp(annotations)
     shapes = annotations_to_shapes(annotations, None)  # level-0 (row=y, col=x)
     n = len(shapes.data)
-    class_colors = {a.classification: a.class_color for a in annotations
-                    if a.classification and a.class_color}
-    base = np.array([[*(c / 255.0 for c in a.color), 1.0] if a.color else [1.0, 0.85, 0.0, 1.0]
-                     for a in annotations]).reshape(n, 4)
-    edges, faces, widths = review_style(shapes.features["class"], shapes.features["review"],
-                                        class_colors, base)
+    class_colors = {
+        a.classification: a.class_color for a in annotations if a.classification and a.class_color
+    }
+    base = np.array(
+        [
+            [*(c / 255.0 for c in a.color), 1.0] if a.color else [1.0, 0.85, 0.0, 1.0]
+            for a in annotations
+        ]
+    ).reshape(n, 4)
+    edges, faces, widths = review_style(
+        shapes.features["class"], shapes.features["review"], class_colors, base
+    )
     spans = [np.ptp(np.asarray(d), axis=0).max() for d in shapes.data]
     w0 = max(max(spans) / 150.0 if spans else 1.0, 1.0)  # level-0 px
     meta = {
@@ -104,8 +110,12 @@ def geojson_layer_tuple(path: str) -> tuple:
         "slide_path": None,
         "source": str(path),
         "skipped": list(result.skipped) + [str(w.message) for w in caught],
-        KEY: {"kind": "imported", "units": "µm" if mpp else "level-0 pixel",
-              "edge_width": w0, "color": base.tolist()},
+        KEY: {
+            "kind": "imported",
+            "units": "µm" if mpp else "level-0 pixel",
+            "edge_width": w0,
+            "color": base.tolist(),
+        },
     }
     kwargs = {
         "name": Path(path).name.removesuffix(".geojson"),

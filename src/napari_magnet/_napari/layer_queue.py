@@ -35,8 +35,11 @@ class LayerQueue:
         Pause between two operations.
     """
 
-    def __init__(self, on_error: Callable[[Any, BaseException], None] | None = None,
-                 delay_ms: int = DRAIN_DELAY_MS) -> None:
+    def __init__(
+        self,
+        on_error: Callable[[Any, BaseException], None] | None = None,
+        delay_ms: int = DRAIN_DELAY_MS,
+    ) -> None:
         self._on_error = on_error
         self.delay_ms = int(delay_ms)
         self._pending: deque[tuple[Any, Callable[[], Any]]] = deque()

@@ -68,8 +68,11 @@ def attention_colormap() -> Any:
 
     colors = np.asarray(AVAILABLE_COLORMAPS["inferno"].map(np.linspace(0, 1, 64)), float)
     colors[:, 3] = np.linspace(0.0, 1.0, len(colors)) ** 0.8
-    return Colormap(colors=colors, name="napari-magnet attention",
-                    display_name="attention (inferno, alpha ramp)")
+    return Colormap(
+        colors=colors,
+        name="napari-magnet attention",
+        display_name="attention (inferno, alpha ramp)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +113,9 @@ def slide_path_of(layer: Any) -> str | None:
     return str(path) if path else None
 
 
-def layers_of(viewer: napari.Viewer, slide_path: str, kinds: Iterable[str] | None = None,
-              run: Any = None) -> list:
+def layers_of(
+    viewer: napari.Viewer, slide_path: str, kinds: Iterable[str] | None = None, run: Any = None
+) -> list:
     """Our layers of ``slide_path`` (optionally of the given kinds / run)."""
     kinds = set(kinds) if kinds is not None else None
     out = []
@@ -149,9 +153,13 @@ def selected_box(viewer: napari.Viewer, slide_layer: Any) -> tuple | None:
         if not selected:
             continue
         verts = np.concatenate([np.asarray(layer.data[i])[:, -2:] for i in selected])
-        return shapes_box_level0(verts, tuple(layer.scale)[-2:], tuple(layer.translate)[-2:],
-                                 tuple(slide_layer.scale)[-2:],
-                                 tuple(slide_layer.translate)[-2:])
+        return shapes_box_level0(
+            verts,
+            tuple(layer.scale)[-2:],
+            tuple(layer.translate)[-2:],
+            tuple(slide_layer.scale)[-2:],
+            tuple(slide_layer.translate)[-2:],
+        )
     return None
 
 
@@ -207,15 +215,16 @@ def restyle(layer: Any, class_colors: dict | None = None) -> None:
     if n == 0:
         return
     feats = layer.features
-    classes = [str(c) if isinstance(c, str) else "" for c in
-               (feats["class"] if "class" in feats else [""] * n)]
+    classes = [
+        str(c) if isinstance(c, str) else ""
+        for c in (feats["class"] if "class" in feats else [""] * n)
+    ]
     reviews = list(feats["review"]) if "review" in feats else ["unreviewed"] * n
     base = None
     if layer_kind(layer) == "rois" and "id" in feats:
         from ..io.geojson import branch_color
 
-        base = np.array([[*(c / 255.0 for c in branch_color(str(r))), 1.0]
-                         for r in feats["id"]])
+        base = np.array([[*(c / 255.0 for c in branch_color(str(r))), 1.0] for r in feats["id"]])
     elif "color" in layer_info(layer):
         base = np.asarray(layer_info(layer)["color"], dtype=float)
         if base.ndim != 2 or len(base) != n:
@@ -237,13 +246,22 @@ def attention_layer_name(slide_layer: Any, layer_no: int) -> str:
     return f"{slide_layer.name} · L{int(layer_no)} attention"
 
 
-def add_roi_layer(viewer: napari.Viewer, slide_layer: Any, rects: Sequence[np.ndarray],
-                  features: dict, layer_no: int, run: Any, *, committed: bool = False,
-                  name: str | None = None) -> Any:
+def add_roi_layer(
+    viewer: napari.Viewer,
+    slide_layer: Any,
+    rects: Sequence[np.ndarray],
+    features: dict,
+    layer_no: int,
+    run: Any,
+    *,
+    committed: bool = False,
+    name: str | None = None,
+) -> Any:
     """Add one Shapes layer of rectangles (world µm) with the ROI features table."""
     w0 = edge_width_for(slide_layer)
-    meta = slide_metadata(slide_layer, "rois", run=run, layer=int(layer_no),
-                          committed=committed, edge_width=w0)
+    meta = slide_metadata(
+        slide_layer, "rois", run=run, layer=int(layer_no), committed=committed, edge_width=w0
+    )
     layer = viewer.add_shapes(
         list(rects) if len(rects) else None,
         shape_type="rectangle",
@@ -259,11 +277,23 @@ def add_roi_layer(viewer: napari.Viewer, slide_layer: Any, rects: Sequence[np.nd
     return layer
 
 
-def add_attention_layer(viewer: napari.Viewer, slide_layer: Any, placed: AttentionLayerData,
-                        layer_no: int, run: Any, n_maps: int = 1) -> Any:
+def add_attention_layer(
+    viewer: napari.Viewer,
+    slide_layer: Any,
+    placed: AttentionLayerData,
+    layer_no: int,
+    run: Any,
+    n_maps: int = 1,
+) -> Any:
     """One Image layer with a magnifying layer's attention (see the module docstring)."""
-    meta = slide_metadata(slide_layer, "attention", run=run, layer=int(layer_no),
-                          maps=int(n_maps), composite=n_maps > 1)
+    meta = slide_metadata(
+        slide_layer,
+        "attention",
+        run=run,
+        layer=int(layer_no),
+        maps=int(n_maps),
+        composite=n_maps > 1,
+    )
     meta["box"] = tuple(float(v) for v in placed.box)
     return viewer.add_image(
         placed.data,
@@ -288,9 +318,15 @@ def coverage_layer_name(slide_layer: Any) -> str:
     return f"{slide_layer.name} · coverage"
 
 
-def set_coverage_layer(viewer: napari.Viewer, slide_layer: Any, coverage: np.ndarray,
-                       n_layers: int, run: Any, existing: Any = None,
-                       visible: bool = False) -> Any:
+def set_coverage_layer(
+    viewer: napari.Viewer,
+    slide_layer: Any,
+    coverage: np.ndarray,
+    n_layers: int,
+    run: Any,
+    existing: Any = None,
+    visible: bool = False,
+) -> Any:
     """Show (or update) the coverage grid as a Labels layer just above the slide.
 
     Values: ``k`` = the deepest magnifying layer that looked at the tissue there, red
@@ -309,9 +345,14 @@ def set_coverage_layer(viewer: napari.Viewer, slide_layer: Any, coverage: np.nda
     meta_slide = slide_layer.metadata
     dims = meta_slide["slide"].dimensions
     scale, translate = coverage_placement(dims, coverage.shape, meta_slide.get("mpp"))
-    features = {"index": [0, *range(1, n_layers + 1), UNEXAMINED],
-                "looked at by": ["glass", *(f"layer {k}" for k in range(1, n_layers + 1)),
-                                 "tissue never examined"]}
+    features = {
+        "index": [0, *range(1, n_layers + 1), UNEXAMINED],
+        "looked at by": [
+            "glass",
+            *(f"layer {k}" for k in range(1, n_layers + 1)),
+            "tissue never examined",
+        ],
+    }
     layer = viewer.add_labels(
         coverage,
         name=coverage_layer_name(slide_layer),

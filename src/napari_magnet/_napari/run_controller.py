@@ -207,8 +207,9 @@ class MagnifyRun:
         return self.request.box
 
 
-def guarded_items(items: Callable[[RunRequest], Iterator[Any]], request: RunRequest,
-                  cancel: threading.Event) -> Iterator[Any]:
+def guarded_items(
+    items: Callable[[RunRequest], Iterator[Any]], request: RunRequest, cancel: threading.Event
+) -> Iterator[Any]:
     """The worker's generator: ``items(request)``, stopped as soon as it is resumed with
     ``cancel`` set, closed in the worker thread, any exception re-raised as
     :class:`~.run_worker.MagnifyFailed` (so that it reaches the worker's ``errored``)."""
@@ -236,10 +237,14 @@ def _fmt_count(n: float) -> str:
 
 def summarize_result(result: Any, coverage: np.ndarray | None = None) -> str:
     """The result line: model, probability, pixels, time and examined tissue."""
-    parts = [f"p = {result.probability:.3f} (label {result.label})",
-             (f"{_fmt_count(result.pixels_processed)} px processed / "
-              f"{_fmt_count(result.pixels_read)} px read"),
-             f"{result.seconds:.1f} s"]
+    parts = [
+        f"p = {result.probability:.3f} (label {result.label})",
+        (
+            f"{_fmt_count(result.pixels_processed)} px processed / "
+            f"{_fmt_count(result.pixels_read)} px read"
+        ),
+        f"{result.seconds:.1f} s",
+    ]
     if coverage is not None:
         summary = coverage_summary(coverage)
         if summary.get("tissue_cells"):
@@ -280,9 +285,13 @@ class RunController:
     roi_layer_added = Signal(object)
     committed = Signal(object)
 
-    def __init__(self, viewer: Any, *,
-                 items: Callable[[RunRequest], Iterator[Any]] = magnify_items,
-                 delay_ms: int = DRAIN_DELAY_MS) -> None:
+    def __init__(
+        self,
+        viewer: Any,
+        *,
+        items: Callable[[RunRequest], Iterator[Any]] = magnify_items,
+        delay_ms: int = DRAIN_DELAY_MS,
+    ) -> None:
         self.viewer = viewer
         self.items = items
         self.queue = LayerQueue(on_error=self._fail, delay_ms=delay_ms)
@@ -338,8 +347,14 @@ class RunController:
         self._shown, self._expected = 0, 0
         self._message = f"Magnifying with {request.model}…"
         # superqt's worker, not napari's: napari's also reports every error itself
-        worker = create_worker(guarded_items, self.items, request, run.cancel_event,
-                               _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            guarded_items,
+            self.items,
+            request,
+            run.cancel_event,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
         worker.yielded.connect(lambda record, r=run: self._on_yielded(r, record))
         worker.errored.connect(lambda exc, r=run: self._on_errored(r, exc))
         worker.finished.connect(lambda r=run: self._on_finished(r))
@@ -439,14 +454,19 @@ class RunController:
         step, data = record.step, record.data
         run.steps.append(step)
         run.coverage = data.coverage
-        self._push(run, lambda: add_attention_layer(
-            self.viewer, run.slide_layer, data.attention, step.layer, run.tag, data.n_maps))
+        self._push(
+            run,
+            lambda: add_attention_layer(
+                self.viewer, run.slide_layer, data.attention, step.layer, run.tag, data.n_maps
+            ),
+        )
         self._push(run, lambda: self._add_rois(run, step.layer, data.rois))
         self._push(run, lambda: self._step_shown(run))
 
     def _add_rois(self, run: MagnifyRun, layer_no: int, rois: Any) -> Any:
-        layer = add_roi_layer(self.viewer, run.slide_layer, rois.rects, rois.features,
-                              layer_no, run.tag)
+        layer = add_roi_layer(
+            self.viewer, run.slide_layer, rois.rects, rois.features, layer_no, run.tag
+        )
         self.roi_layer_added.emit(layer)
         return layer
 
@@ -496,8 +516,9 @@ class RunController:
         run.cancel_event.set()
         self._remove_run_layers(run)
         self._message = f"Failed: {run.error}"
-        show_error(f"napari-magnet: Magnify on {run.slide_layer.name} with {run.model} "
-                   f"failed: {run.error}")
+        show_error(
+            f"napari-magnet: Magnify on {run.slide_layer.name} with {run.model} failed: {run.error}"
+        )
 
     def _close(self, run: MagnifyRun) -> None:
         """Commit or discard ``run`` (its worker is done) and go back to idle."""
@@ -527,8 +548,11 @@ class RunController:
         self.run_finished.emit(outcome)
 
     def _commit(self, run: MagnifyRun) -> None:
-        old = [layer for layer in layers_of(self.viewer, run.slide_path, kinds=RUN_KINDS)
-               if layer_info(layer).get("run") != run.tag]
+        old = [
+            layer
+            for layer in layers_of(self.viewer, run.slide_path, kinds=RUN_KINDS)
+            if layer_info(layer).get("run") != run.tag
+        ]
         self.remove_layers_later(old)
         if run.coverage is not None:
             self.queue.push(lambda: self._add_coverage(run))
@@ -541,13 +565,19 @@ class RunController:
         self.committed.emit(run)
 
     def _add_coverage(self, run: MagnifyRun) -> None:
-        if run.slide_layer not in self.viewer.layers or self.last_runs.get(
-                run.slide_path) is not run:
+        if (
+            run.slide_layer not in self.viewer.layers
+            or self.last_runs.get(run.slide_path) is not run
+        ):
             return  # the slide is gone, or a newer run replaced this one meanwhile
         with keep_selection(self.viewer):
             run.coverage_layer = set_coverage_layer(
-                self.viewer, run.slide_layer, run.coverage,
-                max(run.expected_steps, len(run.steps)), run.tag)
+                self.viewer,
+                run.slide_layer,
+                run.coverage,
+                max(run.expected_steps, len(run.steps)),
+                run.tag,
+            )
         run.layers.append(run.coverage_layer)
 
     def _rename(self, run: MagnifyRun) -> None:

@@ -254,15 +254,16 @@ def magnify_items(request: RunRequest) -> Iterator[Any]:
     from ..models.family import family_of
 
     model = load_model_cached(request.model, request.device)
-    yield ModelLoaded(str(getattr(model, "model_name", request.model)),
-                      int(family_of(model).expected_steps(model)))
+    yield ModelLoaded(
+        str(getattr(model, "model_name", request.model)),
+        int(family_of(model).expected_steps(model)),
+    )
     slide = request.slide
     dims = slide.dimensions
     grid = coverage_grid_shape(dims, COVERAGE_GRID)
     tissue = resize_mask(tissue_mask(slide.thumbnail(1024)), grid)
     yield TissueReady(tissue)
-    stream = magnify(slide, model, request.device, box=request.box,
-                     n_patches=request.n_patches)
+    stream = magnify(slide, model, request.device, box=request.box, n_patches=request.n_patches)
     steps: list = []
     try:
         for item in stream:

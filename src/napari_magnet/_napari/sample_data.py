@@ -12,6 +12,7 @@ def _open_sample(name: str, title: str) -> list[tuple]:
 
     bar = progress(total=0, desc=title)
     try:
+
         def report(done: int, total: int) -> None:
             if bar.total != total:
                 bar.total = total

@@ -145,8 +145,14 @@ class MagnifyWidget(QWidget):
     last_runs = _Forward("controller")
     remove_layers_later = _Forward("controller")
 
-    def __init__(self, napari_viewer: napari.Viewer, *, data_dir: Any = None,
-                 autosave_delay_ms: int = 1000, parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        napari_viewer: napari.Viewer,
+        *,
+        data_dir: Any = None,
+        autosave_delay_ms: int = 1000,
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.data_dir = data_dir
@@ -157,9 +163,13 @@ class MagnifyWidget(QWidget):
         self.magnify_panel = MagnifyPanel(self)
         self.review_panel = ReviewPanel(napari_viewer, self)
         self.export_panel = ExportPanel(
-            napari_viewer, slide_layer=lambda: self.slide_layer,
-            last_run=self.controller.last_runs.get, classes=self.review_panel.class_names,
-            on_imported=self._on_imported, parent=self)
+            napari_viewer,
+            slide_layer=lambda: self.slide_layer,
+            last_run=self.controller.last_runs.get,
+            classes=self.review_panel.class_names,
+            on_imported=self._on_imported,
+            parent=self,
+        )
         root = QVBoxLayout(self)
         for panel in (self.magnify_panel, self.review_panel, self.export_panel):
             root.addWidget(panel)
@@ -221,9 +231,14 @@ class MagnifyWidget(QWidget):
         self.magnify_panel.show_region(box)
         mpp = slide_layer.metadata.get("mpp")
         request = RunRequest(
-            slide=slide_layer.metadata["slide"], slide_path=slide_path_of(slide_layer),
-            mpp=(float(mpp[0]), float(mpp[1])) if mpp else None, model=settings.model,
-            device=settings.device, box=box, n_patches=settings.n_patches)
+            slide=slide_layer.metadata["slide"],
+            slide_path=slide_path_of(slide_layer),
+            mpp=(float(mpp[0]), float(mpp[1])) if mpp else None,
+            model=settings.model,
+            device=settings.device,
+            box=box,
+            n_patches=settings.n_patches,
+        )
         return self.controller.start(slide_layer, request)
 
     def cancel(self) -> None:
@@ -288,7 +303,8 @@ class MagnifyWidget(QWidget):
         self.controller.slide_removed(layer)
         saver = self.autosavers.get(path)
         if saver is not None and not any(
-                slide_path_of(s) == path for s in slide_layers(self.viewer)):
+            slide_path_of(s) == path for s in slide_layers(self.viewer)
+        ):
             saver.flush()
         self._refresh_slides()
 
@@ -297,19 +313,24 @@ class MagnifyWidget(QWidget):
         path = slide_path_of(slide_layer)
         classes = self.review_panel.class_names
         try:
-            layer = restore_annotations(self.viewer, slide_layer, data_dir=self.data_dir,
-                                        classes=classes)
+            layer = restore_annotations(
+                self.viewer, slide_layer, data_dir=self.data_dir, classes=classes
+            )
         except Exception as exc:  # noqa: BLE001 - the viewer must survive
             from napari.utils.notifications import show_error
 
-            show_error(f"napari-magnet: cannot set up annotations for {slide_layer.name}: "
-                       f"{exc}")
+            show_error(f"napari-magnet: cannot set up annotations for {slide_layer.name}: {exc}")
             return None
         self.review_panel.apply_feature_defaults(layer)
         saver = self.autosavers.get(path)
         if saver is None:
-            saver = AnnotationAutosaver(self.viewer, path, data_dir=self.data_dir,
-                                        delay_ms=self.autosave_delay_ms, parent=self)
+            saver = AnnotationAutosaver(
+                self.viewer,
+                path,
+                data_dir=self.data_dir,
+                delay_ms=self.autosave_delay_ms,
+                parent=self,
+            )
             self.autosavers[path] = saver
         watch_slide_layers(saver, self.viewer)
         for roi in layers_of(self.viewer, path, kinds=("rois",)):

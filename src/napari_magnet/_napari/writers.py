@@ -87,22 +87,34 @@ def write_shapes_geojson(path: str, data: Any, attributes: dict) -> list[str]:
     else:
         mpp, found = _viewer_slide_mpp()
         if not found:
-            warnings.warn(f"{path}: the Shapes layer has no slide mpp in its metadata and the "
-                          "viewer has not exactly one slide; writing world units as level-0 "
-                          "pixels", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: the Shapes layer has no slide mpp in its metadata and the "
+                "viewer has not exactly one slide; writing world units as level-0 "
+                "pixels",
+                UserWarning,
+                stacklevel=2,
+            )
     info = meta.get(KEY) if isinstance(meta.get(KEY), dict) else {}
     kind = "roi" if info.get("kind") == "rois" else "annotation"
     shape_types = attributes.get("shape_type") or ["polygon"] * len(data)
     if isinstance(shape_types, str):
         shape_types = [shape_types] * len(data)
     annotations, skipped = shapes_to_annotations(
-        list(data), list(shape_types), attributes.get("features"), mpp,
+        list(data),
+        list(shape_types),
+        attributes.get("features"),
+        mpp,
         scale=tuple(attributes.get("scale", (1.0, 1.0))),
         translate=tuple(attributes.get("translate", (0.0, 0.0))),
-        kind=kind, slide_name=str(meta.get("slide_name", "")))
+        kind=kind,
+        slide_name=str(meta.get("slide_name", "")),
+    )
     if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} shape(s) without area "
-                      f"({'; '.join(skipped[:5])})", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} shape(s) without area ({'; '.join(skipped[:5])})",
+            UserWarning,
+            stacklevel=2,
+        )
     if not annotations and skipped:
         raise GeoJSONError(f"{path}: nothing to write: the layer holds only lines/paths")
     write_geojson(path, annotations)
@@ -139,8 +151,10 @@ def write_attention_ome(path: str, data: Any, attributes: dict) -> list[str]:
     meta = dict(attributes.get("metadata") or {})
     info = meta.get(KEY) if isinstance(meta.get(KEY), dict) else {}
     if info.get("kind") != "attention" and "box" not in meta:
-        raise ValueError(f"{path}: only napari-magnet attention-map layers can be written as "
-                         f"attention OME-TIFF ('{attributes.get('name', '')}' is not one)")
+        raise ValueError(
+            f"{path}: only napari-magnet attention-map layers can be written as "
+            f"attention OME-TIFF ('{attributes.get('name', '')}' is not one)"
+        )
     if attributes.get("multiscale") or attributes.get("rgb"):
         raise ValueError(f"{path}: an attention map is a single 2-D float image")
     array = np.asarray(data)
@@ -149,8 +163,14 @@ def write_attention_ome(path: str, data: Any, attributes: dict) -> list[str]:
     mpp = meta.get("mpp")
     box = meta.get("box")
     if box is None:
-        box = attention_box_from_layer(array.shape, attributes.get("scale", (1, 1)),
-                                       attributes.get("translate", (0, 0)), mpp)
-    write_attention_ome_tiff(path, array, tuple(box), tuple(mpp) if mpp else None,
-                             name=str(attributes.get("name", "attention")))
+        box = attention_box_from_layer(
+            array.shape, attributes.get("scale", (1, 1)), attributes.get("translate", (0, 0)), mpp
+        )
+    write_attention_ome_tiff(
+        path,
+        array,
+        tuple(box),
+        tuple(mpp) if mpp else None,
+        name=str(attributes.get("name", "attention")),
+    )
     return [str(Path(path))]

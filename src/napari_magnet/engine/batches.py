@@ -35,8 +35,9 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 class SlideBatch:
     """The slides of one step: records, open readers, layer-1 frames and augmentation ops."""
 
-    def __init__(self, records: list[Any], pool: Any, ops: list | None,
-                 reader_pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, records: list[Any], pool: Any, ops: list | None, reader_pool: ThreadPoolExecutor
+    ) -> None:
         self.records = records
         self.entries = [pool.get(r.path) for r in records]
         frames, visibles = zip(*(slide_frame(slide) for slide, _ in self.entries))

@@ -90,9 +90,13 @@ class SlideRecord:
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        return {"path": str(self.path), "label": self.label,
-                "lesion_class": self.lesion_class,
-                "lesion_boxes": [list(b) for b in self.lesion_boxes], "row": self.row}
+        return {
+            "path": str(self.path),
+            "label": self.label,
+            "lesion_class": self.lesion_class,
+            "lesion_boxes": [list(b) for b in self.lesion_boxes],
+            "row": self.row,
+        }
 
 
 def _listing(problems: list[str]) -> str:
@@ -129,9 +133,13 @@ def _parse_boxes(text: str) -> tuple[tuple[float, float, float, float], ...]:
     return tuple(boxes)  # type: ignore[return-value]
 
 
-def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
-                require_both_labels: bool = True,
-                exclude_classes: Iterable[str] = ()) -> list[SlideRecord]:
+def read_cohort(
+    csv_path: str | os.PathLike,
+    *,
+    check_files: bool = True,
+    require_both_labels: bool = True,
+    exclude_classes: Iterable[str] = (),
+) -> list[SlideRecord]:
     """Read and validate a cohort CSV.
 
     Parameters
@@ -161,8 +169,10 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
     excluded = {c.strip().lower() for c in exclude_classes if c.strip()}
     unknown_excluded = sorted(excluded - set(LESION_CLASSES))
     if unknown_excluded:
-        raise CohortError(f"cannot exclude unknown lesion classes {unknown_excluded}; known: "
-                          f"{', '.join(LESION_CLASSES)}")
+        raise CohortError(
+            f"cannot exclude unknown lesion classes {unknown_excluded}; known: "
+            f"{', '.join(LESION_CLASSES)}"
+        )
     if not path.is_file():
         raise CohortError(f"{path}: cohort CSV not found")
     try:
@@ -173,14 +183,17 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CohortError(f"{path}: not a readable CSV ({exc})") from None
     if not header:
-        raise CohortError(f"{path}: empty CSV (expected a header with the columns "
-                          f"{', '.join(REQUIRED_COLUMNS)})")
+        raise CohortError(
+            f"{path}: empty CSV (expected a header with the columns {', '.join(REQUIRED_COLUMNS)})"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise CohortError(f"{path}: missing column(s) {', '.join(missing)}; the header has "
-                          f"{', '.join(header) or 'nothing'} (required: "
-                          f"{', '.join(REQUIRED_COLUMNS)}; optional: lesion_class, "
-                          f"lesion_boxes)")
+        raise CohortError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header has "
+            f"{', '.join(header) or 'nothing'} (required: "
+            f"{', '.join(REQUIRED_COLUMNS)}; optional: lesion_class, "
+            f"lesion_boxes)"
+        )
     base = path.parent
     records: list[SlideRecord] = []
     problems: list[str] = []
@@ -198,15 +211,18 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
         label_text = row.get("label", "")
         label = _parse_label(label_text)
         if label is None:
-            problems.append(f"{where}: unknown label {label_text!r} (use 0/1, negative/positive "
-                            f"or normal/tumor)")
+            problems.append(
+                f"{where}: unknown label {label_text!r} (use 0/1, negative/positive "
+                f"or normal/tumor)"
+            )
             continue
         cls = row.get("lesion_class", "").strip().lower()
         if not cls:
             cls = "positive" if label else "negative"
         if cls not in LESION_CLASSES:
-            problems.append(f"{where}: unknown lesion_class {cls!r} (known: "
-                            f"{', '.join(LESION_CLASSES)})")
+            problems.append(
+                f"{where}: unknown lesion_class {cls!r} (known: {', '.join(LESION_CLASSES)})"
+            )
             continue
         if (cls == "negative") != (label == 0):
             problems.append(f"{where}: lesion_class {cls!r} contradicts label {label}")
@@ -214,8 +230,7 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
         try:
             boxes = _parse_boxes(row.get("lesion_boxes", ""))
         except (ValueError, TypeError) as exc:
-            problems.append(f"{where}: lesion_boxes is not a JSON list of [x0, y0, x1, y1] "
-                            f"({exc})")
+            problems.append(f"{where}: lesion_boxes is not a JSON list of [x0, y0, x1, y1] ({exc})")
             continue
         slide_path = Path(slide).expanduser()
         if not slide_path.is_absolute():
@@ -225,8 +240,10 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
             problems.append(f"{where}: slide file not found: {slide_path}")
             continue
         if slide_path in seen:
-            problems.append(f"{where}: duplicate of row {seen[slide_path]} (the same slide "
-                            f"twice would leak between training and validation)")
+            problems.append(
+                f"{where}: duplicate of row {seen[slide_path]} (the same slide "
+                f"twice would leak between training and validation)"
+            )
             continue
         seen[slide_path] = line
         if cls in excluded:
@@ -235,15 +252,18 @@ def read_cohort(csv_path: str | os.PathLike, *, check_files: bool = True,
     if problems:
         raise CohortError(f"{path}: {len(problems)} problem(s):" + _listing(problems))
     if not records:
-        raise CohortError(f"{path}: no slides" + (f" left after excluding "
-                                                   f"{', '.join(sorted(excluded))}"
-                                                   if excluded else ""))
+        raise CohortError(
+            f"{path}: no slides"
+            + (f" left after excluding {', '.join(sorted(excluded))}" if excluded else "")
+        )
     if require_both_labels:
         labels = {r.label for r in records}
         if len(labels) < 2:
             only = "positive (label 1)" if labels == {1} else "negative (label 0)"
-            raise CohortError(f"{path}: all {len(records)} slides are {only}; training and "
-                              f"AUROC need both positive and negative slides")
+            raise CohortError(
+                f"{path}: all {len(records)} slides are {only}; training and "
+                f"AUROC need both positive and negative slides"
+            )
     return records
 
 
@@ -292,15 +312,15 @@ def write_cohort(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> 
             raise ValueError(f"rows[{i}] ({slide}): label must be 0 or 1, got {label!r}")
         cls = row.get("lesion_class") or ""
         if cls and cls not in LESION_CLASSES:
-            raise ValueError(f"rows[{i}] ({slide}): unknown lesion_class {cls!r} (known: "
-                             f"{', '.join(LESION_CLASSES)})")
+            raise ValueError(
+                f"rows[{i}] ({slide}): unknown lesion_class {cls!r} (known: "
+                f"{', '.join(LESION_CLASSES)})"
+            )
         boxes = row.get("lesion_boxes")
         cell = json.dumps([[float(v) for v in box] for box in (() if boxes is None else boxes)])
-        out.append({"path": slide, "label": int(label), "lesion_class": cls,
-                    "lesion_boxes": cell})
+        out.append({"path": slide, "label": int(label), "lesion_class": cls, "lesion_boxes": cell})
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "lesion_class",
-                                                "lesion_boxes"])
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "lesion_class", "lesion_boxes"])
         writer.writeheader()
         writer.writerows(out)
     return Path(path)
@@ -314,8 +334,9 @@ def class_counts(records: Sequence[SlideRecord]) -> dict[str, int]:
     return {c: n for c, n in counts.items() if n}
 
 
-def split_cohort(records: Sequence[SlideRecord], val_fraction: float, seed: int,
-                 *, where: str = "cohort") -> tuple[list[SlideRecord], list[SlideRecord]]:
+def split_cohort(
+    records: Sequence[SlideRecord], val_fraction: float, seed: int, *, where: str = "cohort"
+) -> tuple[list[SlideRecord], list[SlideRecord]]:
     """Train/validation split stratified by label and lesion class, deterministic from ``seed``.
 
     Each label contributes ``round(n · val_fraction)`` slides to validation (at least one
@@ -354,13 +375,17 @@ def split_cohort(records: Sequence[SlideRecord], val_fraction: float, seed: int,
     train.sort(key=lambda r: r.row)
     val.sort(key=lambda r: r.row)
     if {r.label for r in train} != {0, 1}:
-        raise CohortError(f"{where}: the training split has only label(s) "
-                          f"{sorted({r.label for r in train})}; add slides of both labels")
+        raise CohortError(
+            f"{where}: the training split has only label(s) "
+            f"{sorted({r.label for r in train})}; add slides of both labels"
+        )
     if val_fraction > 0 and {r.label for r in val} != {0, 1}:
-        raise CohortError(f"{where}: a validation fraction of {val_fraction} leaves the "
-                          f"validation split without both labels ({len(val)} slides; each "
-                          f"label needs at least 2 slides); add slides or use "
-                          f"--val-fraction 0")
+        raise CohortError(
+            f"{where}: a validation fraction of {val_fraction} leaves the "
+            f"validation split without both labels ({len(val)} slides; each "
+            f"label needs at least 2 slides); add slides or use "
+            f"--val-fraction 0"
+        )
     return train, val
 
 
@@ -387,8 +412,13 @@ class SlidePool:
 
     DEFAULT_CACHE_BYTES = 48 * 2**20
 
-    def __init__(self, max_open: int = 16, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 rule: str = "enough", workers: int = 2) -> None:
+    def __init__(
+        self,
+        max_open: int = 16,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        rule: str = "enough",
+        workers: int = 2,
+    ) -> None:
         self.max_open = max(int(max_open), 1)
         self.cache_bytes = int(cache_bytes)
         self.rule = rule
@@ -484,5 +514,8 @@ class SlideDataset:
         for size in self.sizes:
             batch = reader.read(frame, int(size), visible)
             images.append(torch.from_numpy(batch.images[0]).permute(2, 0, 1).contiguous())
-        return {"images": images, "label": torch.tensor(float(record.label)),
-                "index": torch.tensor(index)}
+        return {
+            "images": images,
+            "label": torch.tensor(float(record.label)),
+            "index": torch.tensor(index),
+        }

@@ -21,8 +21,9 @@ class CudaGraphCache:
         self._entries: dict[Hashable, tuple] = {}
         self._eager: set[Hashable] = set()
 
-    def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]],
-            *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
+    def run(
+        self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]], *inputs: torch.Tensor
+    ) -> Sequence[torch.Tensor]:
         """``fn(*inputs)``, replayed from a graph captured on the first call.
 
         The returned tensors are the graph's static outputs: valid until the same stage runs
@@ -36,8 +37,11 @@ class CudaGraphCache:
             try:
                 entry = self._capture(fn, inputs)
             except Exception as error:  # noqa: BLE001 - any capture failure: stay eager
-                warnings.warn(f"CUDA graph capture failed for {key[0]!r}, running eagerly: "
-                              f"{error}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"CUDA graph capture failed for {key[0]!r}, running eagerly: {error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self._eager.add(key)
                 return fn(*inputs)
             self._entries[key] = entry

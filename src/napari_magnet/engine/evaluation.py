@@ -90,8 +90,9 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def accuracy(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray,
-             threshold: float = 0.5) -> float:
+def accuracy(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5
+) -> float:
     """Fraction of slides with ``(score >= threshold) == label``; ``nan`` for no slides."""
     y = np.asarray(labels).reshape(-1).astype(int)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -159,8 +160,9 @@ def roi_in_lesion(rois: np.ndarray, lesion_boxes: Sequence[Sequence[float]]) -> 
 SIZE_BINS_MM = (0.2, 0.5, 1.0, 2.0)
 
 
-def largest_lesion_mm(boxes: Sequence[Sequence[float]],
-                      mpp: tuple[float, float] | None) -> float | None:
+def largest_lesion_mm(
+    boxes: Sequence[Sequence[float]], mpp: tuple[float, float] | None
+) -> float | None:
     """Longer side in mm of the largest of level-0 ``(x0, y0, x1, y1)`` boxes at ``mpp`` µm/px.
 
     None when there are no boxes or no ``mpp``.
@@ -168,8 +170,7 @@ def largest_lesion_mm(boxes: Sequence[Sequence[float]],
     if not boxes or not mpp:
         return None
     mpp_x, mpp_y = mpp
-    return max(max(abs(x1 - x0) * mpp_x, abs(y1 - y0) * mpp_y)
-               for x0, y0, x1, y1 in boxes) / 1000.0
+    return max(max(abs(x1 - x0) * mpp_x, abs(y1 - y0) * mpp_y) for x0, y0, x1, y1 in boxes) / 1000.0
 
 
 def _size_bin(mm: float) -> str:
@@ -182,10 +183,15 @@ def _size_bin(mm: float) -> str:
     return f"≥ {edges[-1]:g} mm"
 
 
-def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto", *,
-                    rule: str = "enough", seed: int = 0,
-                    progress: Callable[[int, int, SlideOutcome], None] | None = None
-                    ) -> list[SlideOutcome]:
+def evaluate_cohort(
+    records: Sequence[SlideRecord],
+    model,
+    device: str = "auto",
+    *,
+    rule: str = "enough",
+    seed: int = 0,
+    progress: Callable[[int, int, SlideOutcome], None] | None = None,
+) -> list[SlideOutcome]:
     """Run ``model`` on every slide through :func:`magnify` and collect the outcomes.
 
     Parameters
@@ -220,10 +226,16 @@ def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto",
             lesion_mm = largest_lesion_mm(record.lesion_boxes, slide.mpp)
         assert result is not None
         outcome = SlideOutcome(
-            path=str(record.path), label=record.label, lesion_class=record.lesion_class,
-            probability=float(result.probability), pixels_processed=int(result.pixels_processed),
-            pixels_read=int(result.pixels_read), seconds=float(result.seconds),
-            lesion_mm=lesion_mm, roi_in_lesion=roi_in_lesion(final_rois, record.lesion_boxes))
+            path=str(record.path),
+            label=record.label,
+            lesion_class=record.lesion_class,
+            probability=float(result.probability),
+            pixels_processed=int(result.pixels_processed),
+            pixels_read=int(result.pixels_read),
+            seconds=float(result.seconds),
+            lesion_mm=lesion_mm,
+            roi_in_lesion=roi_in_lesion(final_rois, record.lesion_boxes),
+        )
         outcomes.append(outcome)
         if progress is not None:
             progress(i + 1, len(records), outcome)
@@ -233,8 +245,11 @@ def evaluate_cohort(records: Sequence[SlideRecord], model, device: str = "auto",
 def _row(group: str, members: list[SlideOutcome], threshold: float) -> dict:
     labels = np.array([o.label for o in members], dtype=int)
     probs = np.array([o.probability for o in members], dtype=np.float64)
-    looked = [o.roi_in_lesion >= ROI_ON_LESION for o in members
-              if o.label == 1 and o.roi_in_lesion is not None]
+    looked = [
+        o.roi_in_lesion >= ROI_ON_LESION
+        for o in members
+        if o.label == 1 and o.roi_in_lesion is not None
+    ]
     return {
         "group": group,
         "n_positive": int(labels.sum()),
@@ -242,11 +257,12 @@ def _row(group: str, members: list[SlideOutcome], threshold: float) -> dict:
         "auroc": auroc(labels, probs) if len(members) else float("nan"),
         "accuracy": accuracy(labels, probs, threshold),
         "mean_pixels_processed": float(np.mean([o.pixels_processed for o in members]))
-        if members else float("nan"),
-        "mean_pixels_read": float(np.mean([o.pixels_read for o in members]))
-        if members else float("nan"),
-        "mean_seconds": float(np.mean([o.seconds for o in members])) if members
+        if members
         else float("nan"),
+        "mean_pixels_read": float(np.mean([o.pixels_read for o in members]))
+        if members
+        else float("nan"),
+        "mean_seconds": float(np.mean([o.seconds for o in members])) if members else float("nan"),
         "roi_on_lesion": float(np.mean(looked)) if looked else float("nan"),
     }
 
@@ -285,8 +301,11 @@ def summarize(outcomes: Sequence[SlideOutcome], threshold: float = 0.5) -> list[
 
 
 def _fmt(value: float, digits: int = 3) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
         else f"{value:.{digits}f}"
+    )
 
 
 def _fmt_pixels(value: float) -> str:
@@ -300,21 +319,30 @@ def markdown_table(rows: Sequence[dict], title: str | None = None) -> str:
     lines = []
     if title:
         lines += [f"**{title}**", ""]
-    lines.append("| slides | positives | negatives | AUROC | accuracy | ROI on lesion "
-                 "| pixels processed / slide | pixels read / slide | s / slide |")
+    lines.append(
+        "| slides | positives | negatives | AUROC | accuracy | ROI on lesion "
+        "| pixels processed / slide | pixels read / slide | s / slide |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = {"all": "all", "negative": "negative (specificity)"}.get(
-            r["group"], f"{r['group']} vs negative")
-        lines.append(f"| {name} | {r['n_positive']} | {r['n_negative']} | {_fmt(r['auroc'])} | "
-                     f"{_fmt(r['accuracy'])} | {_fmt(r.get('roi_on_lesion', float('nan')), 2)} | "
-                     f"{_fmt_pixels(r['mean_pixels_processed'])} | "
-                     f"{_fmt_pixels(r['mean_pixels_read'])} | {_fmt(r['mean_seconds'], 2)} |")
+            r["group"], f"{r['group']} vs negative"
+        )
+        lines.append(
+            f"| {name} | {r['n_positive']} | {r['n_negative']} | {_fmt(r['auroc'])} | "
+            f"{_fmt(r['accuracy'])} | {_fmt(r.get('roi_on_lesion', float('nan')), 2)} | "
+            f"{_fmt_pixels(r['mean_pixels_processed'])} | "
+            f"{_fmt_pixels(r['mean_pixels_read'])} | {_fmt(r['mean_seconds'], 2)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: str | os.PathLike, rows: Sequence[dict],
-                 outcomes: Sequence[SlideOutcome], meta: dict | None = None) -> Path:
+def write_report(
+    path: str | os.PathLike,
+    rows: Sequence[dict],
+    outcomes: Sequence[SlideOutcome],
+    meta: dict | None = None,
+) -> Path:
     """Write the evaluation to ``path``: ``.md`` (the table and the per-slide list) or JSON.
 
     Any other suffix writes JSON. NaN values become ``null`` in JSON (numpy values are
@@ -327,15 +355,25 @@ def write_report(path: str | os.PathLike, rows: Sequence[dict],
         lines = [f"# Evaluation of {meta.get('model', 'a model')}", ""]
         for key, value in meta.items():
             lines.append(f"- {key}: {value}")
-        lines += ["", markdown_table(rows), "", "| slide | class | largest lesion | "
-                  "ROI in lesion | probability | pixels processed | pixels read | s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            markdown_table(rows),
+            "",
+            "| slide | class | largest lesion | "
+            "ROI in lesion | probability | pixels processed | pixels read | s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for o in outcomes:
             size = "—" if o.lesion_mm is None else f"{o.lesion_mm:.2f} mm"
             inside = "—" if o.roi_in_lesion is None else f"{o.roi_in_lesion:.0%}"
-            lines.append(f"| {Path(o.path).name} | {o.lesion_class} | {size} | {inside} | "
-                         f"{o.probability:.3f} | {o.pixels_processed:,} | {o.pixels_read:,} | "
-                         f"{o.seconds:.2f} |")
+            lines.append(
+                f"| {Path(o.path).name} | {o.lesion_class} | {size} | {inside} | "
+                f"{o.probability:.3f} | {o.pixels_processed:,} | {o.pixels_read:,} | "
+                f"{o.seconds:.2f} |"
+            )
         return atomic_write_text(out, "\n".join(lines) + "\n")
-    return atomic_write_json(out, {"meta": meta, "summary": list(rows),
-                                   "slides": [asdict(o) for o in outcomes]}, indent=1)
+    return atomic_write_json(
+        out,
+        {"meta": meta, "summary": list(rows), "slides": [asdict(o) for o in outcomes]},
+        indent=1,
+    )

@@ -15,8 +15,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["chain_frames", "child_frames", "clip_boxes", "mass_inside", "patch_frames",
-           "slide_frame", "start_region", "visible_mask"]
+__all__ = [
+    "chain_frames",
+    "child_frames",
+    "clip_boxes",
+    "mass_inside",
+    "patch_frames",
+    "slide_frame",
+    "start_region",
+    "visible_mask",
+]
 
 Box = Sequence[float]
 
@@ -31,8 +39,9 @@ def slide_frame(slide: Any) -> tuple[np.ndarray, np.ndarray]:
     return frame, visible
 
 
-def child_frames(frames: np.ndarray, visible: np.ndarray,
-                 theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def child_frames(
+    frames: np.ndarray, visible: np.ndarray, theta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Map each parent's frame through its θs (``align_corners=False`` convention).
 
     Parameters
@@ -96,8 +105,9 @@ def start_region(slide: Any, box: Box | None) -> tuple[np.ndarray, np.ndarray]:
     return frame, np.array([[x0, y0, x1, y1]])
 
 
-def mass_inside(maps: np.ndarray, frames: np.ndarray, boxes: np.ndarray,
-                per_input: int) -> np.ndarray:
+def mass_inside(
+    maps: np.ndarray, frames: np.ndarray, boxes: np.ndarray, per_input: int
+) -> np.ndarray:
     """Attention mass of each input's map that falls inside each of its child boxes."""
     n, h, w = maps.shape
     masses = np.zeros(len(boxes))

@@ -21,10 +21,18 @@ from .types import MagnifyOptions, MagnifyResult, MagnifyStep
 Box = Sequence[float]
 
 
-def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "auto", *,
-            box: Box | None = None, rule: str = "enough", keep_patches: bool = False,
-            seed: int = 0, n_patches: int | None = None, aux_heads: bool = True
-            ) -> Iterator[MagnifyStep | MagnifyResult]:
+def magnify(
+    slide: Slide,
+    model: torch.nn.Module,
+    device: str | torch.device = "auto",
+    *,
+    box: Box | None = None,
+    rule: str = "enough",
+    keep_patches: bool = False,
+    seed: int = 0,
+    n_patches: int | None = None,
+    aux_heads: bool = True,
+) -> Iterator[MagnifyStep | MagnifyResult]:
     """Run ``model`` on ``slide``, one magnifying layer at a time.
 
     Parameters
@@ -61,11 +69,14 @@ def magnify(slide: Slide, model: torch.nn.Module, device: str | torch.device = "
     dev = resolve_device(device)
     family = family_of(model)
     if n_patches is not None and not family.adjustable_patches:
-        raise ValueError(f"{getattr(model, 'model_name', family.architecture)}: the patches per "
-                         f"layer of a {family.architecture!r} model are fixed by its architecture; "
-                         f"choose another configuration instead of overriding them")
-    options = MagnifyOptions(keep_patches=keep_patches, seed=seed, n_patches=n_patches,
-                             aux_heads=aux_heads)
+        raise ValueError(
+            f"{getattr(model, 'model_name', family.architecture)}: the patches per "
+            f"layer of a {family.architecture!r} model are fixed by its architecture; "
+            f"choose another configuration instead of overriding them"
+        )
+    options = MagnifyOptions(
+        keep_patches=keep_patches, seed=seed, n_patches=n_patches, aux_heads=aux_heads
+    )
     model = model.to(dev).eval()
     frame, visible = start_region(slide, box)
     start = time.perf_counter()

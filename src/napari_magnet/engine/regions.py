@@ -72,8 +72,13 @@ class RegionReader:
         the bus, once.
     """
 
-    def __init__(self, slide: Slide, rule: str = "enough", workers: int | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        slide: Slide,
+        rule: str = "enough",
+        workers: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.slide = slide
         self.device = torch.device(device)
         self.rule = rule
@@ -92,8 +97,13 @@ class RegionReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, frames: np.ndarray, size: int, visible: np.ndarray | None = None,
-             device: torch.device | str | None = None) -> RegionBatch:
+    def read(
+        self,
+        frames: np.ndarray,
+        size: int,
+        visible: np.ndarray | None = None,
+        device: torch.device | str | None = None,
+    ) -> RegionBatch:
         """Render each frame at ``size`` × ``size``.
 
         Parameters
@@ -115,8 +125,11 @@ class RegionReader:
         if visible is None:
             visible = frames
         visible = np.asarray(visible, dtype=np.float64).reshape(-1, 4)
-        results = list(self._pool.map(
-            lambda i: self._read_one(frames[i], visible[i], size, device), range(len(frames))))
+        results = list(
+            self._pool.map(
+                lambda i: self._read_one(frames[i], visible[i], size, device), range(len(frames))
+            )
+        )
         if results:
             images = torch.stack([r[0] for r in results])
         else:
@@ -126,8 +139,9 @@ class RegionReader:
         self.pixels_read += pixels
         return RegionBatch(images, levels, pixels)
 
-    def _read_one(self, frame: np.ndarray, visible: np.ndarray, size: int,
-                  device: torch.device) -> tuple[torch.Tensor, int, int]:
+    def _read_one(
+        self, frame: np.ndarray, visible: np.ndarray, size: int, device: torch.device
+    ) -> tuple[torch.Tensor, int, int]:
         slide = self.slide
         geometry = slide.geometry
         out = torch.zeros((3, size, size), dtype=torch.uint8, device=device)
@@ -158,11 +172,21 @@ class RegionReader:
         window = slide.read_level(level, wx0, wy0, wx1 - wx0, wy1 - wy0)
         # Area-average by the integer part of the downscale first: roi_align then needs at
         # most 2 x 2 samples per output pixel instead of thousands on single-level slides.
-        factor = max(int(min((bx1 - bx0) / scale_x / (i1 - i0),
-                             (by1 - by0) / scale_y / (j1 - j0))), 1)
-        box = torch.tensor([[0.0, (bx0 / scale_x - wx0) / factor, (by0 / scale_y - wy0) / factor,
-                             (bx1 / scale_x - wx0) / factor, (by1 / scale_y - wy0) / factor]],
-                           dtype=torch.float32)
+        factor = max(
+            int(min((bx1 - bx0) / scale_x / (i1 - i0), (by1 - by0) / scale_y / (j1 - j0))), 1
+        )
+        box = torch.tensor(
+            [
+                [
+                    0.0,
+                    (bx0 / scale_x - wx0) / factor,
+                    (by0 / scale_y - wy0) / factor,
+                    (bx1 / scale_x - wx0) / factor,
+                    (by1 / scale_y - wy0) / factor,
+                ]
+            ],
+            dtype=torch.float32,
+        )
         with torch.inference_mode():
             if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
                 window = window.copy()
@@ -170,7 +194,13 @@ class RegionReader:
             source = source.permute(2, 0, 1)[None].float().contiguous()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
-            resampled = roi_align(source, box.to(device), output_size=(j1 - j0, i1 - i0),
-                                  spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            resampled = roi_align(
+                source,
+                box.to(device),
+                output_size=(j1 - j0, i1 - i0),
+                spatial_scale=1.0,
+                sampling_ratio=-1,
+                aligned=True,
+            )
             out[:, j0:j1, i0:i1] = resampled[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, level, window.size

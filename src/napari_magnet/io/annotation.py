@@ -100,8 +100,12 @@ class Annotation:
     def bbox(self) -> tuple[float, float, float, float]:
         """``(x0, y0, x1, y1)`` bounding box in level-0 pixels."""
         p = np.asarray(self.polygon, dtype=float)
-        return (float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()),
-                float(p[:, 1].max()))
+        return (
+            float(p[:, 0].min()),
+            float(p[:, 1].min()),
+            float(p[:, 0].max()),
+            float(p[:, 1].max()),
+        )
 
     @property
     def area(self) -> float:

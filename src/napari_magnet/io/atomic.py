@@ -18,8 +18,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "json_safe"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "json_safe",
+]
 
 
 @contextlib.contextmanager
@@ -65,15 +70,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 1,
-                      ensure_ascii: bool = True) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike, value: Any, *, indent: int | None = 1, ensure_ascii: bool = True
+) -> Path:
     """Write ``json_safe(value)`` as JSON (with a final newline) atomically; returns ``path``.
 
     ``indent`` and ``ensure_ascii`` are :func:`json.dumps`'s (``ensure_ascii=False`` writes
     non-ASCII text as UTF-8 instead of ``\\u`` escapes).
     """
-    return atomic_write_text(path, json.dumps(json_safe(value), indent=indent, allow_nan=False,
-                                              ensure_ascii=ensure_ascii) + "\n")
+    return atomic_write_text(
+        path,
+        json.dumps(json_safe(value), indent=indent, allow_nan=False, ensure_ascii=ensure_ascii)
+        + "\n",
+    )
 
 
 def json_safe(value: Any) -> Any:

@@ -48,8 +48,12 @@ class AttentionLayerData:
     contrast_limits: tuple[float, float]
 
 
-def attention_layer_data(amap: np.ndarray, box: Sequence[float], mpp: Sequence[float] | None,
-                         slide_dims: Sequence[int] | None = None) -> AttentionLayerData:
+def attention_layer_data(
+    amap: np.ndarray,
+    box: Sequence[float],
+    mpp: Sequence[float] | None,
+    slide_dims: Sequence[int] | None = None,
+) -> AttentionLayerData:
     """Place an attention map covering the level-0 ``box`` on the slide.
 
     With ``slide_dims`` ``(width, height)``, map pixels whose centres fall outside the slide
@@ -107,10 +111,13 @@ def attention_layer_data(amap: np.ndarray, box: Sequence[float], mpp: Sequence[f
     )
 
 
-def composite_attention(maps: Sequence[np.ndarray], boxes: np.ndarray,
-                        mpp: Sequence[float] | None,
-                        slide_dims: Sequence[int] | None = None,
-                        max_side: int = 2048) -> AttentionLayerData:
+def composite_attention(
+    maps: Sequence[np.ndarray],
+    boxes: np.ndarray,
+    mpp: Sequence[float] | None,
+    slide_dims: Sequence[int] | None = None,
+    max_side: int = 2048,
+) -> AttentionLayerData:
     """All attention maps of one magnifying layer as one raster.
 
     A single map is placed as it is (:func:`attention_layer_data`, raw values). Several maps —
@@ -183,9 +190,12 @@ def composite_attention(maps: Sequence[np.ndarray], boxes: np.ndarray,
     )
 
 
-def attention_box_from_layer(shape: Sequence[int], scale: Sequence[float],
-                             translate: Sequence[float],
-                             mpp: Sequence[float] | None) -> tuple[float, float, float, float]:
+def attention_box_from_layer(
+    shape: Sequence[int],
+    scale: Sequence[float],
+    translate: Sequence[float],
+    mpp: Sequence[float] | None,
+) -> tuple[float, float, float, float]:
     """The level-0 box an attention image layer covers (inverse of :func:`attention_layer_data`).
 
     Parameters

@@ -72,8 +72,9 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(platformdirs.user_data_dir("napari-magnet"))
 
 
-def fallback_path(slide_path: str | os.PathLike,
-                  data_dir_override: str | os.PathLike | None = None) -> Path:
+def fallback_path(
+    slide_path: str | os.PathLike, data_dir_override: str | os.PathLike | None = None
+) -> Path:
     """The data-dir file of a slide.
 
     Parameters
@@ -91,8 +92,11 @@ def fallback_path(slide_path: str | os.PathLike,
     """
     absolute = os.path.abspath(os.fspath(slide_path))
     digest = hashlib.sha256(absolute.encode("utf-8")).hexdigest()[:16]
-    return data_dir(data_dir_override) / "annotations" / (
-        f"{digest}-{Path(absolute).name}{SIDECAR_SUFFIX}")
+    return (
+        data_dir(data_dir_override)
+        / "annotations"
+        / (f"{digest}-{Path(absolute).name}{SIDECAR_SUFFIX}")
+    )
 
 
 def folder_writable(folder: str | os.PathLike) -> bool:
@@ -118,8 +122,9 @@ def folder_writable(folder: str | os.PathLike) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def save_path(slide_path: str | os.PathLike,
-              data_dir_override: str | os.PathLike | None = None) -> Path:
+def save_path(
+    slide_path: str | os.PathLike, data_dir_override: str | os.PathLike | None = None
+) -> Path:
     """Where the autosave of a slide goes now.
 
     Parameters
@@ -140,8 +145,9 @@ def save_path(slide_path: str | os.PathLike,
     return fallback_path(slide_path, data_dir_override)
 
 
-def saved_path(slide_path: str | os.PathLike,
-               data_dir_override: str | os.PathLike | None = None) -> Path | None:
+def saved_path(
+    slide_path: str | os.PathLike, data_dir_override: str | os.PathLike | None = None
+) -> Path | None:
     """The newest existing autosave of a slide.
 
     Parameters

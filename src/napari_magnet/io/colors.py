@@ -103,7 +103,6 @@ def branch_color(region_id: str) -> tuple[int, int, int]:
     return tuple(round(c + (255 - c) * t) for c in base)  # type: ignore[return-value]
 
 
-
 def rgb_to_rgba(rgb: Sequence[int], alpha: float = 1.0) -> np.ndarray:
     """A 0–255 ``(r, g, b)`` colour as napari's RGBA.
 
@@ -132,10 +131,13 @@ REJECTED_RGBA = (0.55, 0.55, 0.55, 0.8)
 WIDTH_FACTOR = {"unreviewed": 1.0, "accepted": 2.5, "rejected": 0.5}
 
 
-def review_style(classes: Sequence[str], reviews: Sequence[str],
-                 class_colors: Mapping[str, Sequence[int]] | None = None,
-                 base_colors: np.ndarray | None = None, face_alpha: float = 0.15
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def review_style(
+    classes: Sequence[str],
+    reviews: Sequence[str],
+    class_colors: Mapping[str, Sequence[int]] | None = None,
+    base_colors: np.ndarray | None = None,
+    face_alpha: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edge colours, face colours and edge-width factors by class and review state.
 
     The colour of a shape is its class's (:func:`class_color`), or ``base_colors[i]`` (ROI

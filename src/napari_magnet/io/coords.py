@@ -79,9 +79,12 @@ def level0_to_world(xy: np.ndarray, mpp: Sequence[float] | None) -> np.ndarray:
     return np.stack([xy[:, 1] * my, xy[:, 0] * mx], axis=1)
 
 
-def world_to_level0(rc: np.ndarray, mpp: Sequence[float] | None,
-                    scale: Sequence[float] = (1.0, 1.0),
-                    translate: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+def world_to_level0(
+    rc: np.ndarray,
+    mpp: Sequence[float] | None,
+    scale: Sequence[float] = (1.0, 1.0),
+    translate: Sequence[float] = (0.0, 0.0),
+) -> np.ndarray:
     """A layer's data coordinates → level-0 points (inverse of :func:`level0_to_world`).
 
     Parameters
@@ -107,10 +110,13 @@ def world_to_level0(rc: np.ndarray, mpp: Sequence[float] | None,
     return np.stack([world[:, 1] / mx, world[:, 0] / my], axis=1)
 
 
-def shapes_box_level0(vertices: np.ndarray, scale: Sequence[float],
-                      translate: Sequence[float], slide_scale: Sequence[float],
-                      slide_translate: Sequence[float] = (0.0, 0.0)
-                      ) -> tuple[float, float, float, float]:
+def shapes_box_level0(
+    vertices: np.ndarray,
+    scale: Sequence[float],
+    translate: Sequence[float],
+    slide_scale: Sequence[float],
+    slide_translate: Sequence[float] = (0.0, 0.0),
+) -> tuple[float, float, float, float]:
     """Level-0 bounding box of shape vertices given in a layer's data coordinates.
 
     Parameters
@@ -131,9 +137,14 @@ def shapes_box_level0(vertices: np.ndarray, scale: Sequence[float],
     v = v.reshape(-1, v.shape[-1])[:, -2:]
     world = v * np.asarray(scale, dtype=float)[-2:] + np.asarray(translate, dtype=float)[-2:]
     rc = (world - np.asarray(slide_translate, dtype=float)[-2:]) / np.asarray(
-        slide_scale, dtype=float)[-2:]
-    return (float(rc[:, 1].min()), float(rc[:, 0].min()), float(rc[:, 1].max()),
-            float(rc[:, 0].max()))
+        slide_scale, dtype=float
+    )[-2:]
+    return (
+        float(rc[:, 1].min()),
+        float(rc[:, 0].min()),
+        float(rc[:, 1].max()),
+        float(rc[:, 0].max()),
+    )
 
 
 def box_to_world_rect(box: Sequence[float], mpp: Sequence[float] | None) -> np.ndarray:

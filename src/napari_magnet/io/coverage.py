@@ -33,8 +33,9 @@ __all__ = [
 UNEXAMINED = 255
 
 
-def tissue_mask(rgb: np.ndarray, white: int = 215, black: int = 40,
-                grey_tolerance: int = 15) -> np.ndarray:
+def tissue_mask(
+    rgb: np.ndarray, white: int = 215, black: int = 40, grey_tolerance: int = 15
+) -> np.ndarray:
     """Tissue pixels of a low-resolution RGB thumbnail.
 
     Parameters
@@ -93,8 +94,7 @@ def resize_mask(mask: np.ndarray, shape: Sequence[int], threshold: float = 0.25)
     cols = np.minimum(((np.arange(w) + 0.5) * gw / w).astype(int), gw - 1)
     cell = (rows[:, None] * gw + cols[None, :]).ravel()
     total = np.bincount(cell, minlength=gh * gw).reshape(gh, gw).astype(float)
-    hits = np.bincount(cell, weights=mask.ravel().astype(float),
-                       minlength=gh * gw).reshape(gh, gw)
+    hits = np.bincount(cell, weights=mask.ravel().astype(float), minlength=gh * gw).reshape(gh, gw)
     if (total == 0).any():  # grid finer than the mask: nearest mask pixel
         ri = np.minimum(((np.arange(gh) + 0.5) * h / gh).astype(int), h - 1)
         ci = np.minimum(((np.arange(gw) + 0.5) * w / gw).astype(int), w - 1)
@@ -127,9 +127,12 @@ def coverage_grid_shape(slide_dims: Sequence[int], max_side: int = 512) -> tuple
     return (int(rows), int(cols))
 
 
-def coverage_map(steps: Iterable[MagnifyStep], slide_dims: Sequence[int],
-                 tissue_mask: np.ndarray | None = None,
-                 grid_shape: Sequence[int] | None = None) -> np.ndarray:
+def coverage_map(
+    steps: Iterable[MagnifyStep],
+    slide_dims: Sequence[int],
+    tissue_mask: np.ndarray | None = None,
+    grid_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Which tissue each magnifying layer looked at, on a coarse grid over the slide.
 
     Parameters
@@ -155,8 +158,9 @@ def coverage_map(steps: Iterable[MagnifyStep], slide_dims: Sequence[int],
     """
     width, height = (float(v) for v in slide_dims)
     if grid_shape is None:
-        grid_shape = (tissue_mask.shape[:2] if tissue_mask is not None
-                      else coverage_grid_shape(slide_dims))
+        grid_shape = (
+            tissue_mask.shape[:2] if tissue_mask is not None else coverage_grid_shape(slide_dims)
+        )
     gh, gw = (int(v) for v in grid_shape)
     if gh < 1 or gw < 1 or width <= 0 or height <= 0:
         raise ValueError(f"bad grid {grid_shape} or slide size {slide_dims}")
@@ -185,9 +189,9 @@ def coverage_map(steps: Iterable[MagnifyStep], slide_dims: Sequence[int],
     return out
 
 
-def coverage_placement(slide_dims: Sequence[int], grid_shape: Sequence[int],
-                       mpp: Sequence[float] | None
-                       ) -> tuple[tuple[float, float], tuple[float, float]]:
+def coverage_placement(
+    slide_dims: Sequence[int], grid_shape: Sequence[int], mpp: Sequence[float] | None
+) -> tuple[tuple[float, float], tuple[float, float]]:
     """Where a coverage grid lies on the slide in napari world µm.
 
     Parameters

@@ -107,8 +107,9 @@ __all__ = [
 ]
 
 
-def steps_to_annotations(steps: Sequence[MagnifyStep], slide_name: str = "",
-                         probability: float | None = None) -> list[Annotation]:
+def steps_to_annotations(
+    steps: Sequence[MagnifyStep], slide_name: str = "", probability: float | None = None
+) -> list[Annotation]:
     """The regions of a Magnify run as unreviewed rectangle ROIs.
 
     Kept for callers of the former API; new code uses :class:`~.rois.RoiTable` directly.
@@ -123,5 +124,6 @@ def steps_to_annotations(steps: Sequence[MagnifyStep], slide_name: str = "",
     list of Annotation
         ``RoiTable.from_steps(...).to_annotations()``.
     """
-    return RoiTable.from_steps(steps, slide_name=slide_name,
-                               probability=probability).to_annotations()
+    return RoiTable.from_steps(
+        steps, slide_name=slide_name, probability=probability
+    ).to_annotations()

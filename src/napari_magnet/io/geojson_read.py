@@ -26,8 +26,16 @@ from .annotation import (
     has_three_distinct_points,
 )
 
-__all__ = ["COORD_LIMIT", "GeoJSONReadResult", "MAX_FEATURES", "MAX_FILE_BYTES", "MAX_VERTICES",
-           "load_geojson", "parse_geojson", "read_geojson"]
+__all__ = [
+    "COORD_LIMIT",
+    "GeoJSONReadResult",
+    "MAX_FEATURES",
+    "MAX_FILE_BYTES",
+    "MAX_VERTICES",
+    "load_geojson",
+    "parse_geojson",
+    "read_geojson",
+]
 
 #: Largest |coordinate| accepted, in level-0 pixels (a 10-million-pixel-wide slide is far
 #: beyond any scanner; larger numbers are almost surely another unit or a corrupt file).
@@ -109,8 +117,10 @@ class _Reader:
             )
         if len(feats) > self.max_features:
             raise self.fail(f"too many features ({len(feats)} > {self.max_features})")
-        return [(f, f"{where}[{i}]" if where in ("list", "features") else where)
-                for i, f in enumerate(feats)]
+        return [
+            (f, f"{where}[{i}]" if where in ("list", "features") else where)
+            for i, f in enumerate(feats)
+        ]
 
     def read(self, data: Any) -> list[Annotation]:
         feats = self.features(data)
@@ -512,8 +522,9 @@ def load_geojson(
 
 def _warn_skipped(source: str, skipped: list[str]) -> None:
     if skipped:
-        shown = "; ".join(skipped[:5]) + (f"; … ({len(skipped)} in all)" if len(skipped) > 5
-                                          else "")
+        shown = "; ".join(skipped[:5]) + (
+            f"; … ({len(skipped)} in all)" if len(skipped) > 5 else ""
+        )
         warnings.warn(
             f"{source}: skipped {len(skipped)} feature(s) that are not areas: {shown}",
             GeoJSONSkipWarning,

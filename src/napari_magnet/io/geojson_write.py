@@ -172,9 +172,7 @@ def annotations_to_feature_collection(
     """
     return {
         "type": "FeatureCollection",
-        "features": [
-            annotation_to_feature(a, i, class_colors) for i, a in enumerate(annotations)
-        ],
+        "features": [annotation_to_feature(a, i, class_colors) for i, a in enumerate(annotations)],
     }
 
 

@@ -114,9 +114,13 @@ class StepLayerData:
     coverage: np.ndarray | None = None
 
 
-def step_layer_data(step: MagnifyStep, mpp: Sequence[float] | None,
-                    slide_dims: Sequence[int], steps_so_far: Sequence[MagnifyStep] = (),
-                    tissue: np.ndarray | None = None) -> StepLayerData:
+def step_layer_data(
+    step: MagnifyStep,
+    mpp: Sequence[float] | None,
+    slide_dims: Sequence[int],
+    steps_so_far: Sequence[MagnifyStep] = (),
+    tissue: np.ndarray | None = None,
+) -> StepLayerData:
     """The ROIs, the composite attention map and the coverage grid of one step.
 
     Parameters
@@ -145,8 +149,7 @@ def step_layer_data(step: MagnifyStep, mpp: Sequence[float] | None,
     return StepLayerData(
         layer=int(step.layer),
         rois=RoiTable.from_steps([step]).to_layer_data(mpp),
-        attention=composite_attention(step.attention_maps, step.attention_boxes, mpp,
-                                      slide_dims),
+        attention=composite_attention(step.attention_maps, step.attention_boxes, mpp, slide_dims),
         n_maps=len(step.attention_maps),
         coverage=coverage,
     )

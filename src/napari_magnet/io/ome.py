@@ -219,8 +219,7 @@ def write_attention_ome_tiff(
     if arr.ndim == 3 and 1 in arr.shape[:1]:
         arr = arr[0]
     if arr.ndim != 2 or arr.size == 0:
-        raise AttentionMapError(
-            f"{what}: attention must be a non-empty 2-D array, got {arr.shape}")
+        raise AttentionMapError(f"{what}: attention must be a non-empty 2-D array, got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
         raise AttentionMapError(f"{what}: attention must be numeric, got {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)

@@ -283,8 +283,14 @@ def export_run(
                 f"layer {step.layer}: {len(step.attention_maps)} attention maps but "
                 f"{n_boxes} attention boxes"
             )
-    rois = run_rois(steps, slide_name, slide_mpp, probability, review_states=review_states,
-                    roi_annotations=roi_annotations)
+    rois = run_rois(
+        steps,
+        slide_name,
+        slide_mpp,
+        probability,
+        review_states=review_states,
+        roi_annotations=roi_annotations,
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     written.append(write_geojson(out / "rois.geojson", rois))

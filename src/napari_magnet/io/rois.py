@@ -73,8 +73,17 @@ MEASUREMENT_NAMES: dict[str, str] = {
 }
 
 #: Columns of the features table of every ROI Shapes layer, in order.
-ROI_FEATURES: tuple[str, ...] = ("id", "parent", "layer", "scale", "level", "attention_mass",
-                                 "aux_probability", "class", "review")
+ROI_FEATURES: tuple[str, ...] = (
+    "id",
+    "parent",
+    "layer",
+    "scale",
+    "level",
+    "attention_mass",
+    "aux_probability",
+    "class",
+    "review",
+)
 
 #: Pyramid level of an ROI whose level is not known.
 UNKNOWN_LEVEL = -1
@@ -213,9 +222,20 @@ class RoiTable:
             put("outlines", tuple(frozen_array(o, np.float64, (-1, 2)) for o in self.outlines))
         if self.feature_ids is not None:
             put("feature_ids", tuple(None if v is None else str(v) for v in self.feature_ids))
-        for name in ("parent_ids", "layers", "boxes", "levels", "scales", "attention_mass",
-                     "aux_probability", "probability", "classes", "reviews", "outlines",
-                     "feature_ids"):
+        for name in (
+            "parent_ids",
+            "layers",
+            "boxes",
+            "levels",
+            "scales",
+            "attention_mass",
+            "aux_probability",
+            "probability",
+            "classes",
+            "reviews",
+            "outlines",
+            "feature_ids",
+        ):
             column = getattr(self, name)
             if column is not None and len(column) != n:
                 raise ValueError(f"RoiTable: {len(column)} {name} for {n} ids")
@@ -229,8 +249,9 @@ class RoiTable:
     # -- constructors ----------------------------------------------------------------------
 
     @classmethod
-    def from_steps(cls, steps: Iterable[MagnifyStep], *, slide_name: str = "",
-                   probability: float | None = None) -> RoiTable:
+    def from_steps(
+        cls, steps: Iterable[MagnifyStep], *, slide_name: str = "", probability: float | None = None
+    ) -> RoiTable:
         """The regions of a Magnify run, unclassified and unreviewed.
 
         Parameters
@@ -253,9 +274,19 @@ class RoiTable:
         ValueError
             When a step has not as many region ids as boxes.
         """
-        columns: dict[str, list] = {k: [] for k in (
-            "ids", "parent_ids", "layers", "boxes", "levels", "scales", "attention_mass",
-            "aux_probability")}
+        columns: dict[str, list] = {
+            k: []
+            for k in (
+                "ids",
+                "parent_ids",
+                "layers",
+                "boxes",
+                "levels",
+                "scales",
+                "attention_mass",
+                "aux_probability",
+            )
+        }
         for step in steps:
             boxes = np.asarray(step.boxes, dtype=float).reshape(-1, 4)
             n = len(boxes)
@@ -278,8 +309,10 @@ class RoiTable:
             probability=[_NAN if probability is None else float(probability)] * total,
             classes=[""] * total,
             reviews=["unreviewed"] * total,
-            feature_ids=[str(uuid.uuid5(FEATURE_ID_NAMESPACE, f"roi:{slide_name}:{rid}"))
-                         for rid in columns["ids"]],
+            feature_ids=[
+                str(uuid.uuid5(FEATURE_ID_NAMESPACE, f"roi:{slide_name}:{rid}"))
+                for rid in columns["ids"]
+            ],
             slide_name=str(slide_name),
         )
 
@@ -300,9 +333,21 @@ class RoiTable:
             ``slide_name`` is the slide every annotation records, if they agree.
         """
         m = MEASUREMENT_NAMES
-        rows: dict[str, list] = {k: [] for k in (
-            "ids", "parent_ids", "layers", "levels", "scales", "attention_mass",
-            "aux_probability", "probability", "classes", "reviews")}
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "ids",
+                "parent_ids",
+                "layers",
+                "levels",
+                "scales",
+                "attention_mass",
+                "aux_probability",
+                "probability",
+                "classes",
+                "reviews",
+            )
+        }
         slides: set[Any] = set()
         for a in annotations:
             ours = a.properties.get(PROPERTIES_KEY, {}) if isinstance(a.properties, dict) else {}
@@ -330,8 +375,9 @@ class RoiTable:
         )
 
     @classmethod
-    def from_geojson_features(cls, features: Iterable[dict], *,
-                              source: str = "<ROI features>") -> RoiTable:
+    def from_geojson_features(
+        cls, features: Iterable[dict], *, source: str = "<ROI features>"
+    ) -> RoiTable:
         """ROIs from GeoJSON ``Feature`` dicts (e.g. :meth:`to_geojson_features`' output).
 
         Parameters
@@ -355,11 +401,17 @@ class RoiTable:
         return cls.from_annotations(parse_geojson(collection, source=source))
 
     @classmethod
-    def from_layer(cls, data: Sequence[np.ndarray], features: Any,
-                   mpp: Sequence[float] | None, *, shape_types: Sequence[str] | None = None,
-                   scale: Sequence[float] = (1.0, 1.0),
-                   translate: Sequence[float] = (0.0, 0.0),
-                   slide_name: str | None = None) -> RoiTable:
+    def from_layer(
+        cls,
+        data: Sequence[np.ndarray],
+        features: Any,
+        mpp: Sequence[float] | None,
+        *,
+        shape_types: Sequence[str] | None = None,
+        scale: Sequence[float] = (1.0, 1.0),
+        translate: Sequence[float] = (0.0, 0.0),
+        slide_name: str | None = None,
+    ) -> RoiTable:
         """The ROIs of a napari Shapes layer.
 
         Parameters
@@ -387,9 +439,20 @@ class RoiTable:
         outlines, kept, _ = shape_outlines(data, shape_types, mpp, scale, translate)
         n = len(data)
         column = {k: feature_column(features, k, n, None) for k in (*ROI_FEATURES, "name")}
-        rows: dict[str, list] = {k: [] for k in (
-            "ids", "parent_ids", "layers", "levels", "scales", "attention_mass",
-            "aux_probability", "classes", "reviews")}
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "ids",
+                "parent_ids",
+                "layers",
+                "levels",
+                "scales",
+                "attention_mass",
+                "aux_probability",
+                "classes",
+                "reviews",
+            )
+        }
         for i in kept:
             rid, name = column["id"][i], column["name"][i]
             if _is_missing(rid):
@@ -408,8 +471,7 @@ class RoiTable:
             rows["reviews"].append(review if review in REVIEW_STATES else "unreviewed")
         return cls(
             **rows,
-            boxes=[(o[:, 0].min(), o[:, 1].min(), o[:, 0].max(), o[:, 1].max())
-                   for o in outlines],
+            boxes=[(o[:, 0].min(), o[:, 1].min(), o[:, 0].max(), o[:, 1].max()) for o in outlines],
             probability=[_NAN] * len(kept),
             outlines=outlines,
             feature_ids=[None] * len(kept),
@@ -505,13 +567,18 @@ class RoiTable:
             rects=[level0_to_world(o, mpp) for o in outlines],
             features=self.to_features(),
             edge_colors=colors,
-            shape_types=["rectangle" if is_axis_aligned_rectangle(o) else "polygon"
-                         for o in outlines],
+            shape_types=[
+                "rectangle" if is_axis_aligned_rectangle(o) else "polygon" for o in outlines
+            ],
         )
 
-    def to_annotations(self, *, mpp: Sequence[float] | None = None, mark_as_roi: bool = False,
-                       class_colors: Mapping[str, Sequence[int]] | None = None
-                       ) -> list[Annotation]:
+    def to_annotations(
+        self,
+        *,
+        mpp: Sequence[float] | None = None,
+        mark_as_roi: bool = False,
+        class_colors: Mapping[str, Sequence[int]] | None = None,
+    ) -> list[Annotation]:
         """The ROIs as GeoJSON annotation records (encoding in the module docstring).
 
         Parameters
@@ -534,16 +601,17 @@ class RoiTable:
         out: list[Annotation] = []
         for i, rid in enumerate(self.ids):
             measurements: dict[str, float] = {}
-            for key, values in (("attention_mass", self.attention_mass),
-                                ("scale", self.scales)):
+            for key, values in (("attention_mass", self.attention_mass), ("scale", self.scales)):
                 if not math.isnan(values[i]):
                     measurements[m[key]] = float(values[i])
             if self.levels[i] >= 0:
                 measurements[m["level"]] = float(self.levels[i])
             if self.layers[i] >= 1:
                 measurements[m["layer"]] = float(self.layers[i])
-            for key, values in (("aux_probability", self.aux_probability),
-                                ("probability", self.probability)):
+            for key, values in (
+                ("aux_probability", self.aux_probability),
+                ("probability", self.probability),
+            ):
                 if not math.isnan(values[i]):
                     measurements[m[key]] = float(values[i])
             ours: dict[str, Any] = {}
@@ -555,24 +623,32 @@ class RoiTable:
             if recorded_mpp is not None:
                 ours["mpp"] = recorded_mpp
             klass = self.classes[i] or None
-            out.append(Annotation(
-                polygon=np.array(self.outline(i)),
-                name=rid,
-                classification=klass,
-                review=self.reviews[i],
-                measurements=measurements,
-                properties={PROPERTIES_KEY: ours},
-                color=branch_color(rid),
-                id=self.feature_ids[i] if self.feature_ids is not None else None,
-                class_color=(tuple(int(c) for c in class_colors[klass])  # type: ignore[arg-type]
-                             if klass and class_colors and klass in class_colors else None),
-            ))
+            out.append(
+                Annotation(
+                    polygon=np.array(self.outline(i)),
+                    name=rid,
+                    classification=klass,
+                    review=self.reviews[i],
+                    measurements=measurements,
+                    properties={PROPERTIES_KEY: ours},
+                    color=branch_color(rid),
+                    id=self.feature_ids[i] if self.feature_ids is not None else None,
+                    class_color=(
+                        tuple(int(c) for c in class_colors[klass])  # type: ignore[arg-type]
+                        if klass and class_colors and klass in class_colors
+                        else None
+                    ),
+                )
+            )
         return out
 
-    def to_geojson_features(self, *, mpp: Sequence[float] | None = None,
-                            mark_as_roi: bool = False,
-                            class_colors: Mapping[str, Sequence[int]] | None = None
-                            ) -> list[dict]:
+    def to_geojson_features(
+        self,
+        *,
+        mpp: Sequence[float] | None = None,
+        mark_as_roi: bool = False,
+        class_colors: Mapping[str, Sequence[int]] | None = None,
+    ) -> list[dict]:
         """The ROIs as GeoJSON ``Feature`` dicts, exactly as :func:`~.geojson.write_geojson`
         writes them.
 
@@ -586,6 +662,7 @@ class RoiTable:
         list of dict
             One JSON-ready Feature per ROI.
         """
-        annotations = self.to_annotations(mpp=mpp, mark_as_roi=mark_as_roi,
-                                          class_colors=class_colors)
+        annotations = self.to_annotations(
+            mpp=mpp, mark_as_roi=mark_as_roi, class_colors=class_colors
+        )
         return [annotation_to_feature(a, i, class_colors) for i, a in enumerate(annotations)]

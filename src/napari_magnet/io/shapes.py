@@ -56,8 +56,9 @@ class ShapesData:
     annotations: list[Annotation] = field(default_factory=list)
 
 
-def annotations_to_shapes(annotations: Sequence[Annotation],
-                          mpp: Sequence[float] | None) -> ShapesData:
+def annotations_to_shapes(
+    annotations: Sequence[Annotation], mpp: Sequence[float] | None
+) -> ShapesData:
     """Level-0 annotations → Shapes-layer data in world ``(row, col)``.
 
     Parameters
@@ -127,10 +128,20 @@ def shapes_to_annotations(
         area and are listed in ``skipped`` (as "shape i: line").
     """
     if kind == "roi":
-        table = RoiTable.from_layer(data, features, mpp, shape_types=shape_types, scale=scale,
-                                    translate=translate, slide_name=slide_name)
-        skipped = [f"shape {i}: {shape_type}" for i, shape_type in enumerate(shape_types)
-                   if shape_type in AREALESS_SHAPE_TYPES]
+        table = RoiTable.from_layer(
+            data,
+            features,
+            mpp,
+            shape_types=shape_types,
+            scale=scale,
+            translate=translate,
+            slide_name=slide_name,
+        )
+        skipped = [
+            f"shape {i}: {shape_type}"
+            for i, shape_type in enumerate(shape_types)
+            if shape_type in AREALESS_SHAPE_TYPES
+        ]
         return table.to_annotations(mpp=mpp, mark_as_roi=True, class_colors=class_colors), skipped
     outlines, kept, skipped = shape_outlines(data, shape_types, mpp, scale, translate)
     n = len(data)
@@ -146,18 +157,29 @@ def shapes_to_annotations(
     out: list[Annotation] = []
     for i, polygon in zip(kept, outlines):
         klass = classes[i] if isinstance(classes[i], str) and classes[i] else None
-        name = names[i] if isinstance(names[i], str) else (
-            "" if ids[i] is None or (isinstance(ids[i], float) and np.isnan(ids[i]))
-            else str(ids[i]))
-        out.append(Annotation(
-            polygon=polygon,
-            name=name,
-            classification=klass,
-            review=reviews[i] if reviews[i] in REVIEW_STATES else "unreviewed",
-            properties={PROPERTIES_KEY: dict(ours)},
-            class_color=(tuple(int(c) for c in class_colors[klass])  # type: ignore[arg-type]
-                         if klass and class_colors and klass in class_colors else None),
-        ))
+        name = (
+            names[i]
+            if isinstance(names[i], str)
+            else (
+                ""
+                if ids[i] is None or (isinstance(ids[i], float) and np.isnan(ids[i]))
+                else str(ids[i])
+            )
+        )
+        out.append(
+            Annotation(
+                polygon=polygon,
+                name=name,
+                classification=klass,
+                review=reviews[i] if reviews[i] in REVIEW_STATES else "unreviewed",
+                properties={PROPERTIES_KEY: dict(ours)},
+                class_color=(
+                    tuple(int(c) for c in class_colors[klass])  # type: ignore[arg-type]
+                    if klass and class_colors and klass in class_colors
+                    else None
+                ),
+            )
+        )
     return out, skipped
 
 

@@ -64,8 +64,9 @@ class Dihedral:
         return self.matrix(device=chain.device, dtype=chain.dtype) @ chain
 
 
-def augment(*tensors: torch.Tensor, op: Dihedral | None = None,
-            generator: torch.Generator | None = None) -> tuple[tuple[torch.Tensor, ...], Dihedral]:
+def augment(
+    *tensors: torch.Tensor, op: Dihedral | None = None, generator: torch.Generator | None = None
+) -> tuple[tuple[torch.Tensor, ...], Dihedral]:
     """Apply one random flip/rotation consistently to every tensor (last two dims).
 
     Returns the transformed tensors and the :class:`Dihedral` used (pass ``op`` to reuse one).

@@ -94,10 +94,10 @@ class FeatureBackbone(nn.Module):
         self.name = name
         self.out_features = int(out_features)
         self.trunk = trunk
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` floats in ``[0, 1]`` -> ``(N, out_features)``."""
@@ -148,7 +148,7 @@ def load_imagenet_weights(trunk: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     sd = _read_state_dict(path)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES)}
     own = trunk.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -159,11 +159,14 @@ def load_imagenet_weights(trunk: nn.Module, path: str | Path) -> None:
         if missing:
             parts.append(f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''}")
         if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
+            parts.append(f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
         if shapes:
-            parts.append("shape mismatches " + ", ".join(
-                f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:10]))
+            parts.append(
+                "shape mismatches "
+                + ", ".join(
+                    f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:10]
+                )
+            )
         raise ValueError(f"backbone weights {path} do not fit: " + "; ".join(parts))
     trunk.load_state_dict(sd, strict=True)
 

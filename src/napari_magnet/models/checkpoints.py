@@ -104,8 +104,7 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
         stem = p.with_suffix("")
     else:
         stem = p
-    return (stem.with_name(stem.name + _WEIGHTS_SUFFIX),
-            stem.with_name(stem.name + _JSON_SUFFIX))
+    return (stem.with_name(stem.name + _WEIGHTS_SUFFIX), stem.with_name(stem.name + _JSON_SUFFIX))
 
 
 def _sniff(path: Path) -> str:
@@ -124,13 +123,18 @@ def _sniff(path: Path) -> str:
 
 
 def _refuse_pickle(path: Path, kind: str) -> CheckpointError:
-    what = ("a zip archive as written by torch.save (it holds a pickle)" if kind == "zip"
-            else "a Python pickle" if kind == "pickle"
-            else f"not a safetensors file (a {path.suffix} file is usually a pickle)")
+    what = (
+        "a zip archive as written by torch.save (it holds a pickle)"
+        if kind == "zip"
+        else "a Python pickle"
+        if kind == "pickle"
+        else f"not a safetensors file (a {path.suffix} file is usually a pickle)"
+    )
     return CheckpointError(
         f"{path}: {what}. Pickled checkpoints can run arbitrary code when loaded and are "
         f"refused for safety; it was not opened. Convert it to a .safetensors + .json pair "
-        f"with napari_magnet.models.checkpoints.save_checkpoint in a trusted environment.")
+        f"with napari_magnet.models.checkpoints.save_checkpoint in a trusted environment."
+    )
 
 
 def _check_safetensors_layout(path: Path) -> dict[str, Any]:
@@ -143,7 +147,8 @@ def _check_safetensors_layout(path: Path) -> dict[str, Any]:
         if n == 0 or n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(
                 f"{path}: truncated or corrupt safetensors file (header of {n} bytes announced, "
-                f"file has {size} bytes)")
+                f"file has {size} bytes)"
+            )
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -162,8 +167,8 @@ def _check_safetensors_layout(path: Path) -> dict[str, Any]:
     have = size - 8 - n
     if have < end:
         raise CheckpointError(
-            f"{path}: truncated safetensors file (tensor data needs {end} bytes, "
-            f"{have} present)")
+            f"{path}: truncated safetensors file (tensor data needs {end} bytes, {have} present)"
+        )
     meta = header.get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
 
@@ -209,8 +214,7 @@ class Checkpoint:
     @property
     def model_name(self) -> str:
         """Name recorded at save time (falls back to the config's name or the file stem)."""
-        return str(self.meta.get("model_name") or self.config.get("name")
-                   or self.weights_path.stem)
+        return str(self.meta.get("model_name") or self.config.get("name") or self.weights_path.stem)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -222,21 +226,25 @@ def _read_json(path: Path) -> dict[str, Any]:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: checkpoint JSON must be an object, got "
-                              f"{type(meta).__name__}")
+        raise CheckpointError(
+            f"{path}: checkpoint JSON must be an object, got {type(meta).__name__}"
+        )
     missing = [k for k in _REQUIRED_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: checkpoint JSON lacks {missing}")
     if meta["format"] != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {meta['format']!r} "
-                              f"(expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {meta['format']!r} (expected {FORMAT!r})"
+        )
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{path}: 'config' must be an object")
     if config_hash_of(meta["config"]) != meta["config_hash"]:
-        raise CheckpointError(f"{path}: config_hash does not match the config "
-                              f"(file edited or corrupt)")
+        raise CheckpointError(
+            f"{path}: config_hash does not match the config (file edited or corrupt)"
+        )
     return meta
 
 
@@ -254,18 +262,21 @@ def read_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         kind = _sniff(p)
         if kind in ("zip", "pickle") or p.suffix in _PICKLE_SUFFIXES:
             raise _refuse_pickle(p, kind)
-        raise CheckpointError(f"{p}: not a checkpoint (expected a {_WEIGHTS_SUFFIX} + "
-                              f"{_JSON_SUFFIX} pair)")
+        raise CheckpointError(
+            f"{p}: not a checkpoint (expected a {_WEIGHTS_SUFFIX} + {_JSON_SUFFIX} pair)"
+        )
     weights, meta_path = checkpoint_paths(p)
     if not weights.is_file() and not meta_path.is_file():
-        raise CheckpointError(f"{p}: checkpoint not found (neither {weights.name} nor "
-                              f"{meta_path.name} exists in {weights.parent})")
+        raise CheckpointError(
+            f"{p}: checkpoint not found (neither {weights.name} nor "
+            f"{meta_path.name} exists in {weights.parent})"
+        )
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file missing (its JSON {meta_path.name} "
-                              f"exists)")
+        raise CheckpointError(f"{weights}: weights file missing (its JSON {meta_path.name} exists)")
     if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path}: checkpoint JSON missing (needed next to "
-                              f"{weights.name})")
+        raise CheckpointError(
+            f"{meta_path}: checkpoint JSON missing (needed next to {weights.name})"
+        )
     kind = _sniff(weights)
     if kind in ("zip", "pickle"):
         raise _refuse_pickle(weights, kind)
@@ -276,29 +287,35 @@ def read_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     digest = sha256_of(weights)
     want = meta.get("weights_sha256")
     if want and want != digest:
-        raise CheckpointError(f"{weights}: sha256 {digest[:12]}… differs from the "
-                              f"{want[:12]}… recorded in {meta_path.name} (modified, or paired "
-                              f"with another checkpoint's JSON)")
+        raise CheckpointError(
+            f"{weights}: sha256 {digest[:12]}… differs from the "
+            f"{want[:12]}… recorded in {meta_path.name} (modified, or paired "
+            f"with another checkpoint's JSON)"
+        )
     for key in ("architecture", "config_hash"):
         if key in st_meta and st_meta[key] != str(meta[key]):
-            raise CheckpointError(f"{weights}: its {key} {st_meta[key]!r} differs from "
-                                  f"{meta_path.name}'s {meta[key]!r}: the files do not belong "
-                                  f"together")
+            raise CheckpointError(
+                f"{weights}: its {key} {st_meta[key]!r} differs from "
+                f"{meta_path.name}'s {meta[key]!r}: the files do not belong "
+                f"together"
+            )
     try:
         from safetensors.torch import load_file
 
         state = load_file(str(weights), device=str(torch.device(device)))
     except Exception as exc:  # SafetensorError and friends
         raise CheckpointError(f"{weights}: corrupt safetensors file ({exc})") from None
-    return Checkpoint(weights_path=weights, json_path=meta_path, meta=meta, state_dict=state,
-                      sha256=digest)
+    return Checkpoint(
+        weights_path=weights, json_path=meta_path, meta=meta, state_dict=state, sha256=digest
+    )
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
-        raise TypeError(f"{type(model).__name__} has no config with to_dict(); it cannot be "
-                        f"checkpointed")
+        raise TypeError(
+            f"{type(model).__name__} has no config with to_dict(); it cannot be checkpointed"
+        )
     return dict(cfg.to_dict())
 
 
@@ -325,21 +342,31 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint | str | os.PathLike
     where = ck.weights_path
     arch = _architecture(model)
     if ck.architecture != arch:
-        raise CheckpointError(f"{where}: architecture mismatch: the checkpoint is "
-                              f"{ck.architecture!r}, the model is {arch!r}")
+        raise CheckpointError(
+            f"{where}: architecture mismatch: the checkpoint is "
+            f"{ck.architecture!r}, the model is {arch!r}"
+        )
     problems: list[str] = []
     mine = _config_dict(model)
     theirs = ck.config
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k, None) != theirs.get(k, None))
     if diff:
-        problems.append("config mismatch: " + "; ".join(
-            f"{k}: checkpoint {_short(theirs.get(k, '<absent>'))} vs model "
-            f"{_short(mine.get(k, '<absent>'))}" for k in diff))
+        problems.append(
+            "config mismatch: "
+            + "; ".join(
+                f"{k}: checkpoint {_short(theirs.get(k, '<absent>'))} vs model "
+                f"{_short(mine.get(k, '<absent>'))}"
+                for k in diff
+            )
+        )
     own = model.state_dict()
     missing = sorted(set(own) - set(ck.state_dict))
     unexpected = sorted(set(ck.state_dict) - set(own))
-    shapes = sorted(k for k in set(own) & set(ck.state_dict)
-                    if tuple(own[k].shape) != tuple(ck.state_dict[k].shape))
+    shapes = sorted(
+        k
+        for k in set(own) & set(ck.state_dict)
+        if tuple(own[k].shape) != tuple(ck.state_dict[k].shape)
+    )
 
     def listing(keys: list[str]) -> str:
         head = ", ".join(keys[:8])
@@ -350,12 +377,19 @@ def load_state_into(model: nn.Module, checkpoint: Checkpoint | str | os.PathLike
     if unexpected:
         problems.append(f"unexpected keys: {listing(unexpected)}")
     if shapes:
-        problems.append("shape mismatches: " + ", ".join(
-            f"{k} checkpoint {tuple(ck.state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in shapes[:8]) + (f", … ({len(shapes)} in all)" if len(shapes) > 8 else ""))
+        problems.append(
+            "shape mismatches: "
+            + ", ".join(
+                f"{k} checkpoint {tuple(ck.state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in shapes[:8]
+            )
+            + (f", … ({len(shapes)} in all)" if len(shapes) > 8 else "")
+        )
     if problems:
-        raise CheckpointError(f"{where}: does not fit the {arch!r} model "
-                              f"{mine.get('name', '')!r}: " + " | ".join(problems))
+        raise CheckpointError(
+            f"{where}: does not fit the {arch!r} model "
+            f"{mine.get('name', '')!r}: " + " | ".join(problems)
+        )
     model.load_state_dict(ck.state_dict, strict=True)
     try:
         model.checkpoint_sha256 = ck.sha256
@@ -376,7 +410,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise CheckpointError(f"{ck.json_path}: unknown architecture {ck.architecture!r}") from None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
-            f"{ck.json_path}: invalid {ck.architecture!r} config: {exc}") from None
+            f"{ck.json_path}: invalid {ck.architecture!r} config: {exc}"
+        ) from None
     load_state_into(model, ck)
     model.model_name = ck.model_name
     model.checkpoint_sha256 = ck.sha256
@@ -386,9 +421,14 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 # ----------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "",
-                    extra: Mapping[str, Any] | None = None,
-                    model_name: str | None = None) -> tuple[Path, Path]:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    notes: str = "",
+    extra: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> tuple[Path, Path]:
     """Write ``<name>.safetensors`` then ``<name>.json``, each atomically (:mod:`..io.atomic`).
 
     Parameters
@@ -422,8 +462,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "
     # the weights first, then the JSON that names their digest: a crash in between leaves the
     # new weights beside the old JSON, whose sha256 no longer matches (reported on loading)
     with atomic_path(weights) as tmp_weights:
-        save_file(state, str(tmp_weights), metadata={"format": FORMAT, "architecture": arch,
-                                                     "config_hash": chash})
+        save_file(
+            state,
+            str(tmp_weights),
+            metadata={"format": FORMAT, "architecture": arch, "config_hash": chash},
+        )
     digest = sha256_of(weights)
     name = model_name or getattr(model, "model_name", None) or config.get("name") or weights.stem
     meta = {
@@ -437,7 +480,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, notes: str = "
         "provenance": {
             "package": "napari-magnet",
             "package_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            "created": _dt.datetime.now(_dt.timezone.utc)
+            .isoformat(timespec="seconds")
             .replace("+00:00", "Z"),
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),

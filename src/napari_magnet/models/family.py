@@ -77,8 +77,9 @@ class TrainingTask(Protocol):
     def default_batch_size(self) -> int:
         """Slides per step when the user gives none."""
 
-    def loss(self, images: list, labels: Any, batch: Any, generator: Any, amp: bool
-             ) -> tuple[Any, dict[str, float], Any]:
+    def loss(
+        self, images: list, labels: Any, batch: Any, generator: Any, amp: bool
+    ) -> tuple[Any, dict[str, float], Any]:
         """``(loss, {part: value}, probabilities (B,))`` of one batch (a ``SlideBatch``)."""
 
     def backward_step(self, loss: Any, scaler: Any, schedule: Any) -> None:
@@ -169,8 +170,9 @@ def register_family(family: Family, *, overwrite: bool = False) -> Family:
             raise ValueError("'demo' is reserved for the shipped checkpoint")
         other = _config_owner(config)
         if other is not None and other.architecture != name and not overwrite:
-            raise ValueError(f"model {config!r} is already registered by family "
-                             f"{other.architecture!r}")
+            raise ValueError(
+                f"model {config!r} is already registered by family {other.architecture!r}"
+            )
     _FAMILIES[name] = family
     return family
 
@@ -210,8 +212,10 @@ def family_of(model: Any) -> Family:
     """
     architecture = getattr(model, "architecture", None)
     if not isinstance(architecture, str) or architecture not in _FAMILIES:
-        raise TypeError(f"{type(model).__name__} is not a model of a registered family "
-                        f"(architecture {architecture!r}); load it with load_model")
+        raise TypeError(
+            f"{type(model).__name__} is not a model of a registered family "
+            f"(architecture {architecture!r}); load it with load_model"
+        )
     return _FAMILIES[architecture]
 
 

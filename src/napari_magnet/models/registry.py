@@ -21,8 +21,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, checkpoint_paths, load_checkpoint, \
-    load_state_into, read_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_paths,
+    load_checkpoint,
+    load_state_into,
+    read_checkpoint,
+)
 from .family import Family, families, get_family, named_config
 
 __all__ = [
@@ -94,8 +99,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} requested but only "
-                             f"{torch.cuda.device_count()} CUDA device(s) exist")
+            raise ValueError(
+                f"device {device!r} requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist"
+            )
     return dev
 
 
@@ -107,13 +114,16 @@ def _seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
 
 
 def _looks_like_path(s: str) -> bool:
-    return (os.sep in s or "/" in s or s.endswith((".safetensors", ".json"))
-            or Path(s).exists())
+    return os.sep in s or "/" in s or s.endswith((".safetensors", ".json")) or Path(s).exists()
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "auto",
-               weights: str | os.PathLike | None = None, *,
-               seed: int = DEFAULT_SEED) -> nn.Module:
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "auto",
+    weights: str | os.PathLike | None = None,
+    *,
+    seed: int = DEFAULT_SEED,
+) -> nn.Module:
     """Load a named model or a checkpoint.
 
     Parameters
@@ -161,11 +171,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "au
             raise CheckpointError(
                 f"{DEMO_CHECKPOINT}: the demo model has not been trained and shipped with "
                 f"this installation yet; use 'magnet3-lite' (random weights) or a checkpoint "
-                f"path")
+                f"path"
+            )
         model = load_checkpoint(DEMO_CHECKPOINT, device=dev)
         model.model_name = "demo"
         return model
     if not isinstance(name_or_path, str) or _looks_like_path(key):
         return load_checkpoint(key, device=dev)
-    raise ValueError(f"unknown model {key!r}; known models: {', '.join(known_models())}, "
-                     f"or a path to a .safetensors/.json checkpoint")
+    raise ValueError(
+        f"unknown model {key!r}; known models: {', '.join(known_models())}, "
+        f"or a path to a .safetensors/.json checkpoint"
+    )

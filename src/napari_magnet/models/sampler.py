@@ -64,8 +64,11 @@ def _grid_gradient(
     work = torch.promote_types(grid.dtype, torch.float32)
     # Normalized -> source-pixel scale per axis (x, y); a zero scale (align_corners, size 1)
     # means the output does not depend on that coordinate: its gradient is zero.
-    scale = torch.tensor([_pixel_scale(w, align_corners), _pixel_scale(h, align_corners)],
-                         dtype=work, device=grid.device)
+    scale = torch.tensor(
+        [_pixel_scale(w, align_corners), _pixel_scale(h, align_corners)],
+        dtype=work,
+        device=grid.device,
+    )
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     # Local axes of the output grid in source pixels: the footprint of one output pixel.
     grid_px = grid.to(work) * scale
@@ -73,8 +76,9 @@ def _grid_gradient(
     ey = _grid_axis_step(grid_px, dim=1)  # per output row
 
     def contract(g: torch.Tensor) -> torch.Tensor:  # Σ_c grad_out_c · sample_c -> (N, Ho, Wo)
-        v = F.grid_sample(image, g, mode="bilinear", padding_mode="zeros",
-                          align_corners=align_corners)
+        v = F.grid_sample(
+            image, g, mode="bilinear", padding_mode="zeros", align_corners=align_corners
+        )
         return (grad_out * v).sum(dim=1).to(work)
 
     # Least squares over the centre (offset 0) and the auxiliary points with a fitted
@@ -125,8 +129,9 @@ class _LinearizedGridSample(torch.autograd.Function):
     def forward(ctx, image, grid, align_corners, n_aux, noise, push, generator):  # noqa: D102
         ctx.save_for_backward(image, grid)
         ctx.opts = (align_corners, n_aux, noise, push, generator)
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=align_corners)
+        return F.grid_sample(
+            image, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners
+        )
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -137,10 +142,12 @@ class _LinearizedGridSample(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Bilinear's own image gradient (centre sample only).
             grad_image, _ = torch.ops.aten.grid_sampler_2d_backward(
-                grad_out, image, grid, 0, 0, align_corners, [True, False])
+                grad_out, image, grid, 0, 0, align_corners, [True, False]
+            )
         if ctx.needs_input_grad[1]:
-            grad_grid = _grid_gradient(image, grid, grad_out, align_corners,
-                                       n_aux, noise, push, generator)
+            grad_grid = _grid_gradient(
+                image, grid, grad_out, align_corners, n_aux, noise, push, generator
+            )
         return grad_image, grad_grid, None, None, None, None, None
 
 
@@ -189,13 +196,17 @@ def linearized_grid_sample(
     if n_aux < 2:
         raise ValueError(f"n_aux must be at least 2 to fit a plane, got {n_aux}")
     if image.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2:
-        raise ValueError(f"expected image (N,C,H,W) and grid (N,Ho,Wo,2), got "
-                         f"{tuple(image.shape)} and {tuple(grid.shape)}")
+        raise ValueError(
+            f"expected image (N,C,H,W) and grid (N,Ho,Wo,2), got "
+            f"{tuple(image.shape)} and {tuple(grid.shape)}"
+        )
     if not torch.is_grad_enabled() or not (image.requires_grad or grid.requires_grad):
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=align_corners)
-    return _LinearizedGridSample.apply(image, grid, align_corners, n_aux, float(noise),
-                                       float(push), generator)
+        return F.grid_sample(
+            image, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners
+        )
+    return _LinearizedGridSample.apply(
+        image, grid, align_corners, n_aux, float(noise), float(push), generator
+    )
 
 
 def affine_sample(
@@ -236,10 +247,13 @@ def affine_sample(
     work = torch.float32 if image.dtype in (torch.float16, torch.bfloat16) else image.dtype
     with torch.autocast(device_type=image.device.type, enabled=False):
         image = image.to(work)
-        grid = F.affine_grid(theta.to(work), [n, c, out_size, out_size],
-                             align_corners=align_corners)
+        grid = F.affine_grid(
+            theta.to(work), [n, c, out_size, out_size], align_corners=align_corners
+        )
         if linearized:
-            return linearized_grid_sample(image, grid, align_corners=align_corners,
-                                          generator=generator)
-        return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=align_corners)
+            return linearized_grid_sample(
+                image, grid, align_corners=align_corners, generator=generator
+            )
+        return F.grid_sample(
+            image, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners
+        )

@@ -114,8 +114,12 @@ class TiffTileBackend:
 
     name = "tifffile"
 
-    def __init__(self, path: Path, level_dimensions: tuple[tuple[int, int], ...],
-                 background: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        level_dimensions: tuple[tuple[int, int], ...],
+        background: tuple[int, int, int],
+    ) -> None:
         import tifffile
 
         self.path = path
@@ -160,11 +164,11 @@ class TiffTileBackend:
                 tile = self._decode_tile(page, ty * tiles_across + tx)
                 oy0, ox0 = max(ty * th, y), max(tx * tw, x)
                 oy1, ox1 = min((ty + 1) * th, y + height), min((tx + 1) * tw, x + width)
-                target = out[oy0 - y:oy1 - y, ox0 - x:ox1 - x]
+                target = out[oy0 - y : oy1 - y, ox0 - x : ox1 - x]
                 if tile is None:
                     target[...] = self.background
                 else:
-                    target[...] = tile[oy0 - ty * th:oy1 - ty * th, ox0 - tx * tw:ox1 - tx * tw]
+                    target[...] = tile[oy0 - ty * th : oy1 - ty * th, ox0 - tx * tw : ox1 - tx * tw]
         return out
 
     def close(self) -> None:
@@ -172,9 +176,13 @@ class TiffTileBackend:
         os.close(self._fd)
 
 
-def choose_backend(path: Path, vendor: str | None,
-                   level_dimensions: tuple[tuple[int, int], ...],
-                   background: tuple[int, int, int], prefer: str = "auto") -> PixelBackend:
+def choose_backend(
+    path: Path,
+    vendor: str | None,
+    level_dimensions: tuple[tuple[int, int], ...],
+    background: tuple[int, int, int],
+    prefer: str = "auto",
+) -> PixelBackend:
     """Pick the fastest backend that reads ``path`` exactly like OpenSlide.
 
     Parameters

@@ -33,8 +33,9 @@ class SlideGeometry:
         w, h = self.level_dimensions[level]
         return w0 / w, h0 / h
 
-    def choose_level(self, box_width: float, box_height: float, size: int,
-                     rule: str = "enough") -> int:
+    def choose_level(
+        self, box_width: float, box_height: float, size: int, rule: str = "enough"
+    ) -> int:
         """Pyramid level to read a region from so it can be rendered at ``size`` pixels.
 
         Parameters
@@ -60,8 +61,9 @@ class SlideGeometry:
         raise ValueError(f"unknown level rule {rule!r}; choose one of {LEVEL_RULES}")
 
 
-def paper_level(dimensions: tuple[int, int], level_count: int,
-                box_width: float, box_height: float) -> int:
+def paper_level(
+    dimensions: tuple[int, int], level_count: int, box_width: float, box_height: float
+) -> int:
     """The paper's level rule: ``m = max(m_top - R, 0)``.
 
     ``R_h = floor(log2(h0 / hc))``, ``R_w = floor(log2(w0 / wc))``. The paper's text takes

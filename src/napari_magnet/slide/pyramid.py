@@ -30,8 +30,16 @@ def chunk_size(tile: int) -> int:
 class LevelReader:
     """Chunk-aligned, cached reads of one pyramid level (level pixel coordinates)."""
 
-    def __init__(self, backend: PixelBackend, cache: ChunkCache, level: int,
-                 width: int, height: int, chunk: tuple[int, int], key: object) -> None:
+    def __init__(
+        self,
+        backend: PixelBackend,
+        cache: ChunkCache,
+        level: int,
+        width: int,
+        height: int,
+        chunk: tuple[int, int],
+        key: object,
+    ) -> None:
         self.backend = backend
         self.cache = cache
         self.level = level
@@ -51,9 +59,12 @@ class LevelReader:
 
     def window(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """``(height, width, 3)`` window inside the level, assembled from cached chunks."""
-        if (x % self.chunk_w == 0 and y % self.chunk_h == 0
-                and width == min(self.chunk_w, self.width - x)
-                and height == min(self.chunk_h, self.height - y)):
+        if (
+            x % self.chunk_w == 0
+            and y % self.chunk_h == 0
+            and width == min(self.chunk_w, self.width - x)
+            and height == min(self.chunk_h, self.height - y)
+        ):
             return self.chunk(y // self.chunk_h, x // self.chunk_w)
         out = np.empty((height, width, 3), dtype=np.uint8)
         for cy in range(y // self.chunk_h, (y + height - 1) // self.chunk_h + 1):
@@ -63,8 +74,9 @@ class LevelReader:
                 ox0, oy0 = max(bx0, x), max(by0, y)
                 ox1 = min(bx0 + block.shape[1], x + width)
                 oy1 = min(by0 + block.shape[0], y + height)
-                out[oy0 - y:oy1 - y, ox0 - x:ox1 - x] = block[oy0 - by0:oy1 - by0,
-                                                             ox0 - bx0:ox1 - bx0]
+                out[oy0 - y : oy1 - y, ox0 - x : ox1 - x] = block[
+                    oy0 - by0 : oy1 - by0, ox0 - bx0 : ox1 - bx0
+                ]
         return out
 
     # The array protocol dask.array.from_array needs.
@@ -99,8 +111,7 @@ class LevelArray(da.Array):
         reader: LevelReader = self._napari_magnet_reader
         if not isinstance(index, tuple):
             index = (index,)
-        if (len(index) > 3 or not all(isinstance(i, slice) and i.step in (None, 1)
-                                      for i in index)):
+        if len(index) > 3 or not all(isinstance(i, slice) and i.step in (None, 1) for i in index):
             return super().__getitem__(index)
         ys = index[0] if len(index) > 0 else slice(None)
         xs = index[1] if len(index) > 1 else slice(None)
@@ -111,18 +122,27 @@ class LevelArray(da.Array):
         cy0, cy1 = y0 // reader.chunk_h, (y1 - 1) // reader.chunk_h + 1
         cx0, cx1 = x0 // reader.chunk_w, (x1 - 1) // reader.chunk_w + 1
         name = f"{self.name}-window-{cy0}-{cy1}-{cx0}-{cx1}"
-        graph = {(name, i, j, 0): (reader.chunk, cy, cx)
-                 for i, cy in enumerate(range(cy0, cy1))
-                 for j, cx in enumerate(range(cx0, cx1))}
-        heights = tuple(min(reader.chunk_h, reader.height - cy * reader.chunk_h)
-                        for cy in range(cy0, cy1))
-        widths = tuple(min(reader.chunk_w, reader.width - cx * reader.chunk_w)
-                       for cx in range(cx0, cx1))
-        window = da.Array(graph, name, chunks=(heights, widths, (3,)), dtype=np.uint8,
-                          meta=np.empty((0, 0, 0), dtype=np.uint8))
+        graph = {
+            (name, i, j, 0): (reader.chunk, cy, cx)
+            for i, cy in enumerate(range(cy0, cy1))
+            for j, cx in enumerate(range(cx0, cx1))
+        }
+        heights = tuple(
+            min(reader.chunk_h, reader.height - cy * reader.chunk_h) for cy in range(cy0, cy1)
+        )
+        widths = tuple(
+            min(reader.chunk_w, reader.width - cx * reader.chunk_w) for cx in range(cx0, cx1)
+        )
+        window = da.Array(
+            graph,
+            name,
+            chunks=(heights, widths, (3,)),
+            dtype=np.uint8,
+            meta=np.empty((0, 0, 0), dtype=np.uint8),
+        )
         top, left = cy0 * reader.chunk_h, cx0 * reader.chunk_w
         channels = index[2] if len(index) > 2 else slice(None)
-        return window[y0 - top:y1 - top, x0 - left:x1 - left, channels]
+        return window[y0 - top : y1 - top, x0 - left : x1 - left, channels]
 
 
 def level_arrays(readers: list[LevelReader]) -> list[da.Array]:

@@ -14,10 +14,12 @@ from pathlib import Path
 from ..synth import SyntheticSlideSpec, generate_slide
 
 SAMPLES = {
-    "small": SyntheticSlideSpec(width=12_288, height=9_216, mpp=0.5, seed=7, label=1,
-                                lesion_kind="macro"),
-    "gigapixel": SyntheticSlideSpec(width=100_000, height=100_000, mpp=0.25, seed=11,
-                                    label=1, lesion_kind="micro"),
+    "small": SyntheticSlideSpec(
+        width=12_288, height=9_216, mpp=0.5, seed=7, label=1, lesion_kind="macro"
+    ),
+    "gigapixel": SyntheticSlideSpec(
+        width=100_000, height=100_000, mpp=0.25, seed=11, label=1, lesion_kind="micro"
+    ),
 }
 CACHE_ENV = "NAPARI_MAGNET_CACHE_DIR"
 

@@ -17,8 +17,19 @@ from .errors import SlideError
 from .geometry import SlideGeometry
 from .pyramid import LevelReader, chunk_size, level_arrays
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-                  ".svslide", ".bif", ".dcm")
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+)
 
 
 def resolve_slide_path(path: str | Path) -> Path:
@@ -57,8 +68,7 @@ class _AssociatedImages(Mapping):
         if name not in self._names:
             raise KeyError(name)
         with openslide.OpenSlide(str(self._path)) as osr:
-            return composite_on_background(np.asarray(osr.associated_images[name]),
-                                           (255, 255, 255))
+            return composite_on_background(np.asarray(osr.associated_images[name]), (255, 255, 255))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -73,8 +83,9 @@ class Slide:
     Use :func:`open_slide` to create one. Coordinates are level-0 pixels ``(x, y)``.
     """
 
-    def __init__(self, path: str | Path, cache_bytes: int | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, path: str | Path, cache_bytes: int | None = None, backend: str = "auto"
+    ) -> None:
         self.requested_path = Path(path).expanduser()
         self.path = resolve_slide_path(self.requested_path)
         if not self.path.exists():
@@ -92,16 +103,24 @@ class Slide:
                 tuple(float(d) for d in osr.level_downsamples),
             )
             associated = list(osr.associated_images)
-        self.associated_images: Mapping[str, np.ndarray] = _AssociatedImages(self.path,
-                                                                              associated)
+        self.associated_images: Mapping[str, np.ndarray] = _AssociatedImages(self.path, associated)
         self.cache = ChunkCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
         self._backend: PixelBackend = choose_backend(
-            self.path, self.vendor, self.level_dimensions, self.background, prefer=backend)
+            self.path, self.vendor, self.level_dimensions, self.background, prefer=backend
+        )
         self._readers = [
-            LevelReader(self._backend, self.cache, level, w, h,
-                        (chunk_size(tw), chunk_size(th)), key=id(self))
+            LevelReader(
+                self._backend,
+                self.cache,
+                level,
+                w,
+                h,
+                (chunk_size(tw), chunk_size(th)),
+                key=id(self),
+            )
             for level, ((w, h), (tw, th)) in enumerate(
-                zip(self.level_dimensions, self._backend.tile_sizes))
+                zip(self.level_dimensions, self._backend.tile_sizes)
+            )
         ]
         self._probe()
 
@@ -172,7 +191,7 @@ class Slide:
         value = self.properties.get("openslide.background-color")
         if value and len(value) == 6:
             try:
-                return tuple(int(value[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+                return tuple(int(value[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
             except ValueError:
                 pass
         return (255, 255, 255)
@@ -213,11 +232,12 @@ class Slide:
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, reader.width), min(y + height, reader.height)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = reader.window(x0, y0, x1 - x0, y1 - y0)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = reader.window(x0, y0, x1 - x0, y1 - y0)
         return out
 
-    def read_region(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """OpenSlide-style read: level-0 ``location`` (x, y), ``level``, ``size`` (w, h).
 
         Returns ``(h, w, 3)`` uint8 RGB composited on the background colour. The level-0
@@ -252,12 +272,13 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Slide({self.name!r}, {self.vendor}, {self.dimensions[0]}x"
-                f"{self.dimensions[1]}, levels={self.level_count}, mpp={self.mpp})")
+        return (
+            f"Slide({self.name!r}, {self.vendor}, {self.dimensions[0]}x"
+            f"{self.dimensions[1]}, levels={self.level_count}, mpp={self.mpp})"
+        )
 
 
-def open_slide(path: str | Path, cache_bytes: int | None = None,
-               backend: str = "auto") -> Slide:
+def open_slide(path: str | Path, cache_bytes: int | None = None, backend: str = "auto") -> Slide:
     """Open a whole-slide image lazily.
 
     Parameters

@@ -89,12 +89,15 @@ def generate_cohort(
         positives = [str(k) for k in positives]
         unknown = sorted(set(positives) - set(TUMOUR_KINDS))
         if unknown or not positives:
-            raise ValueError(f"positives must name tumour classes {sorted(TUMOUR_KINDS)}, "
-                             f"got {positives}")
+            raise ValueError(
+                f"positives must name tumour classes {sorted(TUMOUR_KINDS)}, got {positives}"
+            )
         too_big = sorted(set(positives) - set(feasible))
         if too_big:
-            raise ValueError(f"a {width}x{height} px slide at {mpp} µm/px is too small for "
-                             f"{too_big} lesions; fitting classes: {feasible}")
+            raise ValueError(
+                f"a {width}x{height} px slide at {mpp} µm/px is too small for "
+                f"{too_big} lesions; fitting classes: {feasible}"
+            )
     labels = np.array([i % 2 for i in range(n)])
     rng.shuffle(labels)
     if feasible:
@@ -112,8 +115,7 @@ def generate_cohort(
             n_pos += 1
         state = np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)
         slide_seed = int(state[0] >> np.uint64(1))  # < 2**63
-        specs.append(SyntheticSlideSpec(width, height, mpp, slide_seed, label, kind, tile,
-                                        quality))
+        specs.append(SyntheticSlideSpec(width, height, mpp, slide_seed, label, kind, tile, quality))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"slide_{i:04d}.tif" for i in range(n)]
@@ -125,19 +127,24 @@ def generate_cohort(
                 progress(i + 1, n)
     else:
         with ProcessPoolExecutor(min(int(jobs), n)) as pool:
-            futures = {pool.submit(generate_slide, paths[i], spec, workers=workers or 1): i
-                       for i, spec in enumerate(specs)}
+            futures = {
+                pool.submit(generate_slide, paths[i], spec, workers=workers or 1): i
+                for i, spec in enumerate(specs)
+            }
             for done, future in enumerate(as_completed(futures), 1):
                 infos[futures[future]] = future.result()
                 if progress is not None:
                     progress(done, n)
-    write_cohort(out / "cohort.csv", [
-        {
-            "path": info.path.name,
-            "label": info.label,
-            "lesion_class": info.lesion_kind,
-            "lesion_boxes": [les.box for les in info.tumour_lesions],
-        }
-        for info in infos
-    ])
+    write_cohort(
+        out / "cohort.csv",
+        [
+            {
+                "path": info.path.name,
+                "label": info.label,
+                "lesion_class": info.lesion_kind,
+                "lesion_boxes": [les.box for les in info.tumour_lesions],
+            }
+            for info in infos
+        ],
+    )
     return infos

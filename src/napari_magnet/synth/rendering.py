@@ -131,7 +131,7 @@ def render_tile(plan: Plan, k: int, ty: int, tx: int) -> np.ndarray | None:
 
     # smooth stain weights, sampled every b pixels
     b = _block_size(d)
-    cb = (np.arange(t // b, dtype=np.float64) * b + 0.5 * b)
+    cb = np.arange(t // b, dtype=np.float64) * b + 0.5 * b
     cby = (py0 + cb) * d / g - 0.5
     cbx = (px0 + cb) * d / g - 0.5
     wa = _expand(_sample(plan.fields[1], cby, cbx), b)

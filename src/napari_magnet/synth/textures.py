@@ -164,9 +164,7 @@ def _tex_normal(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normal lymph-node/stroma tissue: small round lymphocytes, spindle nuclei, fibres."""
     um = 1.0 / mpp
-    lymph = _blobs(
-        rng, size, _count(1600 if fibrous else 4200, size, mpp), 3.3 * um, (0.75, 1.25)
-    )
+    lymph = _blobs(rng, size, _count(1600 if fibrous else 4200, size, mpp), 3.3 * um, (0.75, 1.25))
     spindle = _blobs(
         rng, size, _count(900 if fibrous else 450, size, mpp), 2.0 * um, (0.8, 1.2), elong=3.0
     )
@@ -207,9 +205,7 @@ def _tex_tumour(rng: np.random.Generator, size: int, mpp: float) -> tuple[np.nda
     return h.astype(np.float32), e.astype(np.float32)
 
 
-def _tex_follicle(
-    rng: np.random.Generator, size: int, mpp: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _tex_follicle(rng: np.random.Generator, size: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     """Distractor: packed, uniform small lymphocytes (a dense follicle)."""
     um = 1.0 / mpp
     lymph = _blobs(rng, size, _count(1e6 / 8.0**2, size, mpp), 2.9 * um, (0.85, 1.15), jitter=0.3)

@@ -10,8 +10,7 @@ from pathlib import Path
 from ..io.atomic import atomic_write_json
 from .spec import SIZE_RANGES_MM, Lesion, SyntheticSlideInfo, SyntheticSlideSpec, sidecar_path
 
-__all__ = ["TRUTH_FORMAT", "TRUTH_VERSION", "truth_json", "write_ground_truth",
-           "read_ground_truth"]
+__all__ = ["TRUTH_FORMAT", "TRUTH_VERSION", "truth_json", "write_ground_truth", "read_ground_truth"]
 
 #: ``format`` field of every sidecar; :func:`read_ground_truth` refuses other files.
 TRUTH_FORMAT = "napari-magnet-synthetic-slide"

@@ -20,7 +20,18 @@ def one_epoch_run(tmp_path_factory) -> Path:
     from napari_magnet.engine.training import TrainOptions, train
 
     run = tmp_path_factory.mktemp("one-epoch") / "run"
-    train(TrainOptions(slides=make_cohort(tmp_path_factory), out=run, model="magnet3-lite",
-                       epochs=1, batch_size=3, lr=1e-3, val_fraction=0.25, augment=False,
-                       device="cpu", progress=False))
+    train(
+        TrainOptions(
+            slides=make_cohort(tmp_path_factory),
+            out=run,
+            model="magnet3-lite",
+            epochs=1,
+            batch_size=3,
+            lr=1e-3,
+            val_fraction=0.25,
+            augment=False,
+            device="cpu",
+            progress=False,
+        )
+    )
     return run

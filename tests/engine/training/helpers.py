@@ -20,8 +20,23 @@ def metrics(run: Path) -> list[dict]:
 
 
 def train_args(csv_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--slides", str(csv_path), "--out", str(out), "--device", "cpu",
-            "--batch-size", "3", "--lr", "1e-3", "--val-fraction", "0.25", "--quiet", *extra]
+    return [
+        "train",
+        "--slides",
+        str(csv_path),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "--lr",
+        "1e-3",
+        "--val-fraction",
+        "0.25",
+        "--quiet",
+        *extra,
+    ]
 
 
 def check_run_outputs(run: Path, epochs: int, model_name: str) -> None:

@@ -27,16 +27,22 @@ def test_two_runs_with_worker_processes_in_one_process_do_not_hang(cohort_csv, t
         f"    kw = dict(slides={str(cohort_csv)!r}, out={str(run)!r}, batch_size=3, lr=1e-3,\n"
         "              device='cpu', progress=False, val_fraction=0.25, workers=4)\n"
         "    train(TrainOptions(model='ats', epochs=2, **kw))\n"
-        f"    train(TrainOptions(resume={str(run)!r}, epochs=3, **kw))\n")
-    done = subprocess.run([sys.executable, str(script)], timeout=300, capture_output=True,
-                          text=True)
+        f"    train(TrainOptions(resume={str(run)!r}, epochs=3, **kw))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], timeout=300, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3]
 
 
 def test_slide_pools_fit_the_memory_budget_and_workers_do_not_copy_it(monkeypatch):
-    from napari_magnet.engine.training import (OPEN_SLIDE_OVERHEAD, TRAIN_CACHE_ENV,
-                                               slide_pools, train_cache_budget)
+    from napari_magnet.engine.training import (
+        OPEN_SLIDE_OVERHEAD,
+        TRAIN_CACHE_ENV,
+        slide_pools,
+        train_cache_budget,
+    )
 
     per_slide = SlidePool().cache_bytes + OPEN_SLIDE_OVERHEAD  # the default cache
     monkeypatch.setenv(TRAIN_CACHE_ENV, str(40 * per_slide / 2**20))
@@ -60,15 +66,21 @@ def test_the_loader_yields_each_epochs_order_and_collates_per_layer():
             return 5
 
         def __getitem__(self, i):
-            return {"images": [torch.full((3, 4, 4), i, dtype=torch.uint8),
-                               torch.full((3, 2, 2), i, dtype=torch.uint8)],
-                    "label": torch.tensor(i % 2), "index": torch.tensor(i)}
+            return {
+                "images": [
+                    torch.full((3, 4, 4), i, dtype=torch.uint8),
+                    torch.full((3, 2, 2), i, dtype=torch.uint8),
+                ],
+                "label": torch.tensor(i % 2),
+                "index": torch.tensor(i),
+            }
 
     loader = _Loader(Items(), batch_size=2, workers=0)
     for order in ([4, 0, 2, 1, 3], [1, 2]):
         batches = list(loader.epoch(order))
-        assert [b["index"].tolist() for b in batches] == [order[i:i + 2]
-                                                          for i in range(0, len(order), 2)]
+        assert [b["index"].tolist() for b in batches] == [
+            order[i : i + 2] for i in range(0, len(order), 2)
+        ]
         first = batches[0]
         assert [tuple(x.shape) for x in first["images"]] == [(2, 3, 4, 4), (2, 3, 2, 2)]
         assert first["images"][1][:, 0, 0, 0].tolist() == order[:2]

@@ -26,23 +26,31 @@ def test_magnet_lite_trains_from_the_cli(cohort_csv, tmp_path):
     check_run_outputs(run, 2, "magnet3-lite")
     meta, tensors = load_training_state(run)
     # Adam's state was saved under flattened keys; 2 epochs of 2 steps (6 slides, batch 3)
-    steps = {float(v) for k, v in tensors.items() if k.startswith("optim.adam.") and
-             k.endswith(".step")}
+    steps = {
+        float(v) for k, v in tensors.items() if k.startswith("optim.adam.") and k.endswith(".step")
+    }
     assert steps == {4.0}
     assert meta["schedule"]["step_count"] == 4 and meta["schedule"]["total_steps"] == 4
     assert meta["optimizers"]["adam"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     # the best model is the epoch with the best validation AUROC
     rows = metrics(run)
-    best = max(rows, key=lambda r: (float(r["val_auroc"]), float(r["val_accuracy"]),
-                                    -float(r["val_loss"])))
+    best = max(
+        rows, key=lambda r: (float(r["val_auroc"]), float(r["val_accuracy"]), -float(r["val_loss"]))
+    )
     assert meta["best"]["epoch"] == int(best["epoch"])
 
 
 @pytest.mark.parametrize("learning", ["expectation", "reinforce"])
 def test_ats_trains_from_the_cli(cohort_csv, tmp_path, learning, capsys):
     run = tmp_path / learning
-    assert main(train_args(cohort_csv, run, "--model", "ats", "--epochs", "1",
-                           "--ats-learning", learning)) == 0
+    assert (
+        main(
+            train_args(
+                cohort_csv, run, "--model", "ats", "--epochs", "1", "--ats-learning", learning
+            )
+        )
+        == 0
+    )
     check_run_outputs(run, 1, "ats")
     meta, tensors = load_training_state(run)
     assert set(meta["optimizers"]) == {"attention", "classifier"}
@@ -56,8 +64,14 @@ def test_ats_trains_from_the_cli(cohort_csv, tmp_path, learning, capsys):
         assert attention_loss == 0.0
         # a model checkpoint given to --resume starts a new run from its weights
         warm = tmp_path / "warm"
-        assert main(train_args(cohort_csv, warm, "--epochs", "1", "--resume",
-                               str(run / "best.safetensors"))) == 0
+        assert (
+            main(
+                train_args(
+                    cohort_csv, warm, "--epochs", "1", "--resume", str(run / "best.safetensors")
+                )
+            )
+            == 0
+        )
         assert "warm start" in capsys.readouterr().err
         assert [int(r["epoch"]) for r in metrics(warm)] == [1]
         assert load_model(warm / "last.json", device="cpu").model_name == "ats"
@@ -66,8 +80,21 @@ def test_ats_trains_from_the_cli(cohort_csv, tmp_path, learning, capsys):
 @pytest.mark.parametrize("learning", ["expectation", "reinforce"])
 def test_two_level_ats_trains_from_the_cli(cohort_csv, tmp_path, learning):
     run = tmp_path / learning
-    assert main(train_args(cohort_csv, run, "--model", "ats-2level", "--epochs", "1",
-                           "--ats-learning", learning)) == 0
+    assert (
+        main(
+            train_args(
+                cohort_csv,
+                run,
+                "--model",
+                "ats-2level",
+                "--epochs",
+                "1",
+                "--ats-learning",
+                learning,
+            )
+        )
+        == 0
+    )
     check_run_outputs(run, 1, "ats-2level")
     meta, tensors = load_training_state(run)
     # the region attention network is trained by the attention optimizer
@@ -83,11 +110,28 @@ def test_two_level_ats_trains_from_the_cli(cohort_csv, tmp_path, learning):
 
 def test_resume_errors(cohort_csv, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        train(TrainOptions(slides=cohort_csv, out=tmp_path / "r", resume=tmp_path / "nothing",
-                           model="magnet3-lite", epochs=1, device="cpu", progress=False))
+        train(
+            TrainOptions(
+                slides=cohort_csv,
+                out=tmp_path / "r",
+                resume=tmp_path / "nothing",
+                model="magnet3-lite",
+                epochs=1,
+                device="cpu",
+                progress=False,
+            )
+        )
     with pytest.raises(ValueError, match="unknown model"):
-        train(TrainOptions(slides=cohort_csv, out=tmp_path / "r", model="magnet9", epochs=1,
-                           device="cpu", progress=False))
+        train(
+            TrainOptions(
+                slides=cohort_csv,
+                out=tmp_path / "r",
+                model="magnet9",
+                epochs=1,
+                device="cpu",
+                progress=False,
+            )
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -103,9 +147,20 @@ def test_loss_decreases_when_overfitting_four_slides(tmp_path):
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "lesion_class"])
         writer.writeheader()
         writer.writerows(rows)
-    result = train(TrainOptions(slides=csv_path, out=tmp_path / "overfit", model="magnet3-lite",
-                                epochs=8, batch_size=4, lr=3e-3, val_fraction=0.0,
-                                augment=False, device="cpu", progress=False))
+    result = train(
+        TrainOptions(
+            slides=csv_path,
+            out=tmp_path / "overfit",
+            model="magnet3-lite",
+            epochs=8,
+            batch_size=4,
+            lr=3e-3,
+            val_fraction=0.0,
+            augment=False,
+            device="cpu",
+            progress=False,
+        )
+    )
     losses = [r["train_loss"] for r in result.history]
     classification = [r["train_classification"] for r in result.history]
     assert len(losses) == 8
@@ -116,10 +171,10 @@ def test_loss_decreases_when_overfitting_four_slides(tmp_path):
     assert result.best_epoch >= 6
 
 
-
 def test_a_missing_model_lists_the_registered_trainable_models(cohort_csv, tmp_path):
-    options = TrainOptions(slides=cohort_csv, out=tmp_path / "r", epochs=1, device="cpu",
-                           progress=False)
+    options = TrainOptions(
+        slides=cohort_csv, out=tmp_path / "r", epochs=1, device="cpu", progress=False
+    )
     with pytest.raises(ValueError, match="choose a model") as info:
         train(options)
     named = [m for m in listed_models() if m != "demo"]
@@ -131,11 +186,23 @@ def test_a_missing_model_lists_the_registered_trainable_models(cohort_csv, tmp_p
 
 def test_bad_options_are_refused_before_the_cohort_is_read(tmp_path):
     missing = tmp_path / "none.csv"
-    for kw, message in [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch size"),
-                        ({"lr": 0.0}, "learning rate"), ({"rule": "best"}, "rule")]:
+    for kw, message in [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch size"),
+        ({"lr": 0.0}, "learning rate"),
+        ({"rule": "best"}, "rule"),
+    ]:
         with pytest.raises(ValueError, match=message):
-            train(TrainOptions(slides=missing, out=tmp_path / "r", model="magnet3-lite",
-                               device="cpu", progress=False, **kw))
+            train(
+                TrainOptions(
+                    slides=missing,
+                    out=tmp_path / "r",
+                    model="magnet3-lite",
+                    device="cpu",
+                    progress=False,
+                    **kw,
+                )
+            )
 
 
 def test_the_best_epoch_is_chosen_by_auroc_then_accuracy_then_loss():
@@ -148,7 +215,12 @@ def test_the_best_epoch_is_chosen_by_auroc_then_accuracy_then_loss():
     assert not _is_better({"val_auroc": 0.8, "val_accuracy": 0.7, "val_loss": 0.5}, best)
     # no validation (NaN in the history, None in the saved best): the training loss decides
     no_val = {"val_auroc": nan, "val_accuracy": nan, "val_loss": nan, "train_loss": 0.3}
-    saved = {"epoch": 2, "val_auroc": None, "val_accuracy": None, "val_loss": None,
-             "train_loss": 0.4}
+    saved = {
+        "epoch": 2,
+        "val_auroc": None,
+        "val_accuracy": None,
+        "val_loss": None,
+        "train_loss": 0.4,
+    }
     assert _is_better(no_val, saved)
     assert not _is_better(dict(no_val, train_loss=0.5), saved)

@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from napari_magnet.cli import main
-from napari_magnet.engine.training import (STATE_DIR, STATE_FORMAT, STATE_JSON, TrainOptions,
-                                           load_training_state, train)
+from napari_magnet.engine.training import (
+    STATE_DIR,
+    STATE_FORMAT,
+    STATE_JSON,
+    TrainOptions,
+    load_training_state,
+    train,
+)
 from napari_magnet.engine.training.state import _optimizer_from, _optimizer_tensors
 from napari_magnet.models.checkpoints import CheckpointError, sha256_of
 
@@ -26,11 +32,15 @@ from .helpers import metrics, train_args
 def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, tmp_path):
     """A real Ctrl-C (SIGINT) during epoch 2, then --resume: same result as no interruption."""
     run = tmp_path / "interrupted"
-    args = train_args(cohort_csv, run, "--model", "magnet3-lite", "--epochs", "2",
-                      "--no-augment")
+    args = train_args(cohort_csv, run, "--model", "magnet3-lite", "--epochs", "2", "--no-augment")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "napari_magnet.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_magnet.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -51,9 +61,32 @@ def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, 
     assert [int(r["epoch"]) for r in metrics(run)] == [1]
     first = metrics(run)[0]
 
-    assert main(["train", "--slides", str(cohort_csv), "--out", str(run), "--device", "cpu",
-                 "--batch-size", "3", "--lr", "1e-3", "--val-fraction", "0.25", "--quiet",
-                 "--epochs", "2", "--no-augment", "--resume", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--slides",
+                str(cohort_csv),
+                "--out",
+                str(run),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "3",
+                "--lr",
+                "1e-3",
+                "--val-fraction",
+                "0.25",
+                "--quiet",
+                "--epochs",
+                "2",
+                "--no-augment",
+                "--resume",
+                str(run),
+            ]
+        )
+        == 0
+    )
     rows = metrics(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert rows[0] == first  # the completed epoch is kept as it was
@@ -61,15 +94,31 @@ def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, 
     assert meta["epoch"] == 2 and meta["schedule"]["step_count"] == 4
 
     straight = tmp_path / "straight"
-    assert main(train_args(cohort_csv, straight, "--model", "magnet3-lite", "--epochs", "2",
-                           "--no-augment")) == 0
+    assert (
+        main(
+            train_args(
+                cohort_csv, straight, "--model", "magnet3-lite", "--epochs", "2", "--no-augment"
+            )
+        )
+        == 0
+    )
     for a, b in zip(metrics(straight), rows):
         for key in ("train_loss", "val_loss", "train_classification", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-7), key
     # a finished run asked for no more epochs does nothing
-    result = train(TrainOptions(slides=cohort_csv, out=run, resume=run, epochs=2,
-                                batch_size=3, lr=1e-3, val_fraction=0.25, device="cpu",
-                                progress=False))
+    result = train(
+        TrainOptions(
+            slides=cohort_csv,
+            out=run,
+            resume=run,
+            epochs=2,
+            batch_size=3,
+            lr=1e-3,
+            val_fraction=0.25,
+            device="cpu",
+            progress=False,
+        )
+    )
     assert result.epochs_done == 2 and len(metrics(run)) == 2
 
 
@@ -79,8 +128,9 @@ def test_the_state_is_safetensors_plus_json_and_nothing_else(one_epoch_run):
     assert meta["tensors_file"] == f"{STATE_DIR}/epoch-0001.safetensors"
     assert meta["tensors_sha256"] == sha256_of(one_epoch_run / meta["tensors_file"])
     # only the committed epoch's tensors, no temporary files left behind
-    assert sorted(p.name for p in (one_epoch_run / STATE_DIR).iterdir()) == \
-        ["epoch-0001.safetensors"]
+    assert sorted(p.name for p in (one_epoch_run / STATE_DIR).iterdir()) == [
+        "epoch-0001.safetensors"
+    ]
     assert not [p for p in one_epoch_run.iterdir() if p.name.endswith(".tmp")]
     assert any(k.startswith("model.") for k in tensors)
     assert any(k.startswith("optim.adam.") for k in tensors)
@@ -91,9 +141,17 @@ def test_the_state_is_safetensors_plus_json_and_nothing_else(one_epoch_run):
 def test_resuming_leaves_the_callers_options_alone(one_epoch_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
-    options = TrainOptions(slides=json.loads((run / STATE_JSON).read_text())["options"]
-                           ["slides"], out=run, resume=run, epochs=1, batch_size=3, lr=1e-3,
-                           val_fraction=0.25, device="cpu", progress=False)
+    options = TrainOptions(
+        slides=json.loads((run / STATE_JSON).read_text())["options"]["slides"],
+        out=run,
+        resume=run,
+        epochs=1,
+        batch_size=3,
+        lr=1e-3,
+        val_fraction=0.25,
+        device="cpu",
+        progress=False,
+    )
     before = dataclasses.asdict(options)
     result = train(options)  # nothing to do: the run has its epoch
     assert dataclasses.asdict(options) == before and options.model is None
@@ -135,12 +193,11 @@ def test_optimizer_state_round_trips_through_flat_tensors_and_json():
     opt = torch.optim.Adam([p], lr=0.1, betas=(0.5, 0.75))
     for _ in range(2):
         opt.zero_grad()
-        (p ** 2).sum().backward()
+        (p**2).sum().backward()
         opt.step()
     tensors: dict[str, torch.Tensor] = {}
     meta = json.loads(json.dumps(_optimizer_tensors("adam", opt, tensors)))
-    assert set(tensors) == {"optim.adam.0.step", "optim.adam.0.exp_avg",
-                            "optim.adam.0.exp_avg_sq"}
+    assert set(tensors) == {"optim.adam.0.step", "optim.adam.0.exp_avg", "optim.adam.0.exp_avg_sq"}
     other = torch.optim.Adam([torch.nn.Parameter(p.detach().clone())], lr=0.1)
     other.load_state_dict(_optimizer_from("adam", meta, tensors))
     assert other.param_groups[0]["betas"] == (0.5, 0.75)

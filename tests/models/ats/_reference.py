@@ -57,7 +57,9 @@ class _PublishedWithoutReplacement(torch.autograd.Function):
         g = grad.unsqueeze(1)  # (B, 1, *D)
         idx = torch.arange(n, dtype=a.dtype, device=a.device)
         ga1 = terms / _expand(a / pm, features)
-        ga2 = (torch.cumsum(features, dim=1) - features) - _expand(idx.expand_as(a), features) * features
+        ga2 = (torch.cumsum(features, dim=1) - features) - _expand(
+            idx.expand_as(a), features
+        ) * features
         ga = (g * (ga1 + ga2)).flatten(2).sum(dim=2) * w
         rev = (n - 1 - idx).expand_as(a)
         gf = w * _expand(pm + rev * a, features) * g
@@ -116,7 +118,9 @@ class ReinforceTrainer:
         self.entropy_weight = float(entropy_weight)
         self.baseline = EMABaseline(baseline_decay)
         self.reward_fn = reward_fn or (
-            lambda logits, target: -torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            lambda logits, target: (
+                -torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            )
         )
 
     def step(
@@ -132,7 +136,11 @@ class ReinforceTrainer:
         ce = torch.nn.functional.cross_entropy(out.logits, target)
         with torch.no_grad():
             reward = self.reward_fn(out.logits.detach(), target)
-        b = float(self.baseline) if self.baseline.value is not None else float(reward.float().mean())
+        b = (
+            float(self.baseline)
+            if self.baseline.value is not None
+            else float(reward.float().mean())
+        )
         att_loss = reinforce_attention_loss(
             out.draw_log_probs, reward, b, out.attention, self.entropy_weight
         )

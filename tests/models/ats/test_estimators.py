@@ -20,9 +20,7 @@ from . import _reference as ref
 K, N, D = 5, 3, 2
 DT = torch.float64
 THETA = torch.tensor([0.3, -1.0, 0.8, 0.1, -0.4], dtype=DT)
-FEATS = torch.tensor(
-    [[1.0, -2.0], [0.5, 3.0], [-1.5, 0.7], [2.0, 1.0], [0.2, -0.9]], dtype=DT
-)
+FEATS = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.5, 0.7], [2.0, 1.0], [0.2, -0.9]], dtype=DT)
 V = torch.tensor([0.7, -1.3], dtype=DT)  # upstream gradient (a linear read-out of F)
 
 
@@ -83,10 +81,18 @@ ESTIMATORS = {
     "with": (est.expected_with_replacement, True),
     "with+baseline": (lambda f, a: est.expected_with_replacement(f, a, baseline=BASELINE), True),
     "without": (est.expected_without_replacement, False),
-    "without+baseline": (lambda f, a: est.expected_without_replacement(f, a, baseline=BASELINE), False),
-    "without+scalar-baseline": (lambda f, a: est.expected_without_replacement(f, a, baseline=0.8), False),
+    "without+baseline": (
+        lambda f, a: est.expected_without_replacement(f, a, baseline=BASELINE),
+        False,
+    ),
+    "without+scalar-baseline": (
+        lambda f, a: est.expected_without_replacement(f, a, baseline=0.8),
+        False,
+    ),
     "without+row-baseline": (
-        lambda f, a: est.expected_without_replacement(f, a, baseline=torch.tensor([-0.6], dtype=DT)),
+        lambda f, a: est.expected_without_replacement(
+            f, a, baseline=torch.tensor([-0.6], dtype=DT)
+        ),
         False,
     ),
     "dispatch-without": (lambda f, a: est.expectation(f, a, replace=False), False),
@@ -141,7 +147,9 @@ def test_surrogate_forward_equals_plain_estimate():
     a = torch.rand(4, 6, generator=g) * 0.1 + 0.01
     plain_without = est.ats_terms(f, a).mean(1)
     assert torch.equal(est.expected_without_replacement(f, a), plain_without)
-    assert torch.equal(est.expected_without_replacement(f, a, baseline=torch.randn(4, 5)), plain_without)
+    assert torch.equal(
+        est.expected_without_replacement(f, a, baseline=torch.randn(4, 5)), plain_without
+    )
     assert torch.equal(est.expected_with_replacement(f, a), f.mean(1))
     assert torch.equal(est.expected_with_replacement(f, a, baseline=torch.randn(4)), f.mean(1))
 
@@ -151,11 +159,14 @@ def test_ats_terms_each_unbiased_and_formula():
     f = torch.tensor([[[1.0], [2.0], [4.0]]], dtype=DT)
     terms = est.ats_terms(f, a)[0, :, 0]
     # F_1 = f_1; F_2 = a_1 f_1 + (1 - a_1) f_2; F_3 = a_1 f_1 + a_2 f_2 + (1 - a_1 - a_2) f_3
-    torch.testing.assert_close(terms, torch.tensor([1.0, 0.5 + 0.5 * 2, 0.5 + 0.4 + 0.3 * 4], dtype=DT))
+    torch.testing.assert_close(
+        terms, torch.tensor([1.0, 0.5 + 0.5 * 2, 0.5 + 0.4 + 0.3 * 4], dtype=DT)
+    )
     logq = est.draw_log_probs(a, replace=False)[0]
     torch.testing.assert_close(logq.exp(), torch.tensor([0.5, 0.2 / 0.5, 0.1 / 0.3], dtype=DT))
     torch.testing.assert_close(
-        est.sequence_log_prob(a, replace=False), torch.log(torch.tensor([0.5 * 0.4 * (0.1 / 0.3)], dtype=DT))
+        est.sequence_log_prob(a, replace=False),
+        torch.log(torch.tensor([0.5 * 0.4 * (0.1 / 0.3)], dtype=DT)),
     )
     torch.testing.assert_close(est.draw_log_probs(a, replace=True), a.log())
 
@@ -251,7 +262,11 @@ def test_reinforce_loss_value_and_entropy_term():
     att = torch.tensor([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]], dtype=DT)
     loss = est.reinforce_attention_loss(logp, reward, 0.25, att, entropy_weight=0.1)
     pg = -((0.75 * (torch.log(torch.tensor(0.125)))) + (-0.25 * torch.log(torch.tensor(0.02)))) / 2
-    ent = (2 * 0.5 * torch.log(torch.tensor(0.5)) + 2 * 0.25 * torch.log(torch.tensor(0.25)) + 0.5 * torch.log(torch.tensor(0.5))) / 2
+    ent = (
+        2 * 0.5 * torch.log(torch.tensor(0.5))
+        + 2 * 0.25 * torch.log(torch.tensor(0.25))
+        + 0.5 * torch.log(torch.tensor(0.5))
+    ) / 2
     assert float(loss) == pytest.approx(float(pg + 0.1 * ent), abs=1e-6)
     assert torch.isfinite(est.attention_negentropy(att)).all()  # 0 log 0 = 0
 
@@ -275,7 +290,9 @@ def test_entropy_regulariser_spreads_attention():
     h0 = -float(est.attention_negentropy(theta.softmax(0)[None]))
     for _ in range(20):
         a = theta.softmax(0)[None]
-        loss = est.reinforce_attention_loss(torch.zeros(1, 1), torch.zeros(1), 0.0, a, entropy_weight=1.0)
+        loss = est.reinforce_attention_loss(
+            torch.zeros(1, 1), torch.zeros(1), 0.0, a, entropy_weight=1.0
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -320,7 +337,9 @@ def test_reinforce_moves_attention_to_rewarded_position(replace):
 
 def test_shape_validation():
     with pytest.raises(ValueError):
-        est.expected_without_replacement(torch.zeros(2, 3, 4), torch.full((2, 3), 0.1), torch.zeros(4))
+        est.expected_without_replacement(
+            torch.zeros(2, 3, 4), torch.full((2, 3), 0.1), torch.zeros(4)
+        )
     with pytest.raises(ValueError):
         est.expected_without_replacement(torch.zeros(2, 3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError):

@@ -13,10 +13,13 @@ from napari_magnet.synth import SyntheticSlideSpec, generate_slide
 def slide_with_attention_on_its_lesion(path):
     """A generated slide with a macro lesion, and an attention function (what the attention
     network would output) that is uniform on that lesion's box and 0 elsewhere."""
-    info = generate_slide(path, SyntheticSlideSpec(
-        width=8192, height=6144, mpp=1.0, seed=4, label=1, lesion_kind="macro"))
-    lesion = max(info.tumour_lesions,
-                 key=lambda les: (les.box[2] - les.box[0]) * (les.box[3] - les.box[1]))
+    info = generate_slide(
+        path,
+        SyntheticSlideSpec(width=8192, height=6144, mpp=1.0, seed=4, label=1, lesion_kind="macro"),
+    )
+    lesion = max(
+        info.tumour_lesions, key=lambda les: (les.box[2] - les.box[0]) * (les.box[3] - les.box[1])
+    )
     x0, y0, x1, y1 = lesion.box
     side = float(max(info.width, info.height))
     frame_x0 = info.width / 2 - side / 2
@@ -35,7 +38,8 @@ def slide_with_attention_on_its_lesion(path):
 
 def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp_path):
     info, (x0, y0, x1, y1), peaked_on_lesion = slide_with_attention_on_its_lesion(
-        tmp_path / "one.tif")
+        tmp_path / "one.tif"
+    )
     model = load_model("ats", device="cpu")
     model.attention = peaked_on_lesion  # the attention network's output, set by hand
     with open_slide(info.path) as slide:
@@ -51,7 +55,8 @@ def test_a_hand_set_attention_peak_on_a_lesion_yields_patches_on_that_lesion(tmp
 
 def test_two_level_draws_regions_on_the_peak_then_patches_inside_each_region(tmp_path):
     info, (x0, y0, x1, y1), peaked_on_lesion = slide_with_attention_on_its_lesion(
-        tmp_path / "two.tif")
+        tmp_path / "two.tif"
+    )
     model = load_model("ats-2level", device="cpu")
     cfg = model.config
     model.attention = peaked_on_lesion

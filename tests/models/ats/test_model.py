@@ -71,14 +71,23 @@ def test_config_roundtrip_hash_and_frozen():
 
 
 def test_named_configs():
-    assert set(ATS_CONFIGS) == {"ats", "ats-p50-n1", "ats-p50-n5", "ats-p50-n20", "ats-p20-n5",
-                                "ats-2level"}
+    assert set(ATS_CONFIGS) == {
+        "ats",
+        "ats-p50-n1",
+        "ats-p50-n5",
+        "ats-p50-n20",
+        "ats-p20-n5",
+        "ats-2level",
+    }
     for name, factory in ATS_CONFIGS.items():
         c = factory()
         assert c.name == name
         assert isinstance(c, ATSConfig)
     assert (ATS_CONFIGS["ats"]().patch_size, ATS_CONFIGS["ats"]().n_patches) == (50, 20)
-    assert (ATS_CONFIGS["ats-p20-n5"]().patch_size, ATS_CONFIGS["ats-p20-n5"]().n_patches) == (20, 5)
+    assert (ATS_CONFIGS["ats-p20-n5"]().patch_size, ATS_CONFIGS["ats-p20-n5"]().n_patches) == (
+        20,
+        5,
+    )
     assert ATS_CONFIGS["ats-p50-n1"]().n_patches == 1
     hashes = {f().config_hash() for f in ATS_CONFIGS.values()}
     assert len(hashes) == len(ATS_CONFIGS)
@@ -148,7 +157,9 @@ def test_positions_to_centres_exact():
     expected = torch.tensor([[[0.125, 1 / 6], [0.875, 1 / 6], [0.375, 0.5], [0.875, 5 / 6]]])
     torch.testing.assert_close(c, expected)
     # a coarser attention grid over a larger view maps to the same normalised centres
-    torch.testing.assert_close(AttentionSampling.positions_to_centres(idx, (3, 4), (30, 40)), expected)
+    torch.testing.assert_close(
+        AttentionSampling.positions_to_centres(idx, (3, 4), (30, 40)), expected
+    )
 
 
 @pytest.mark.parametrize("replace", [False, True])
@@ -182,10 +193,14 @@ def test_sample_respects_generator():
 @pytest.mark.parametrize("replace", [False, True])
 def test_full_forward_shapes_and_gradients(replace):
     torch.manual_seed(0)
-    cfg = ATSConfig(view_size=32, patch_size=12, n_patches=5, replace=replace, n_classes=3, feature_dim=8)
+    cfg = ATSConfig(
+        view_size=32, patch_size=12, n_patches=5, replace=replace, n_classes=3, feature_dim=8
+    )
     m = AttentionSampling(cfg)
     image = torch.rand(3, 96, 128)  # the "slide" at patch resolution; the view is its 4× reduction
-    view = F.interpolate(image[None], size=(24, 32), mode="bilinear", align_corners=False).expand(2, -1, -1, -1)
+    view = F.interpolate(image[None], size=(24, 32), mode="bilinear", align_corners=False).expand(
+        2, -1, -1, -1
+    )
     reader = crop_reader(image, cfg.patch_size)
     out = m(view, reader, generator=torch.Generator().manual_seed(1))
     assert isinstance(out, ATSOutput)
@@ -194,7 +209,11 @@ def test_full_forward_shapes_and_gradients(replace):
     assert out.attention.shape == (2, 24, 32)
     assert out.indices.shape == (2, 5) and out.sampled_attention.shape == (2, 5)
     assert out.draw_log_probs.shape == (2, 5)
-    assert out.centres.shape == (2, 5, 2) and float(out.centres.min()) > 0 and float(out.centres.max()) < 1
+    assert (
+        out.centres.shape == (2, 5, 2)
+        and float(out.centres.min()) > 0
+        and float(out.centres.max()) < 1
+    )
     assert out.patches.shape == (10, 3, 12, 12)
     assert out.features.shape == (2, 8)
     assert len(reader.calls) == 1 and torch.equal(reader.calls[0], out.centres)
@@ -202,7 +221,9 @@ def test_full_forward_shapes_and_gradients(replace):
     x, y = out.centres[1, 2].tolist()
     cx, cy = int(x * 128), int(y * 96)
     if 6 <= cx <= 128 - 6 and 6 <= cy <= 96 - 6:
-        torch.testing.assert_close(out.patches[1 * 5 + 2], image[:, cy - 6 : cy + 6, cx - 6 : cx + 6])
+        torch.testing.assert_close(
+            out.patches[1 * 5 + 2], image[:, cy - 6 : cy + 6, cx - 6 : cx + 6]
+        )
     # forward value of the surrogate is the plain estimate
     feats = m.feature_net(out.patches).reshape(2, 5, -1)
     plain = feats.mean(1) if replace else est.ats_terms(feats, out.sampled_attention).mean(1)
@@ -261,7 +282,9 @@ def test_classify_gradient_unbiased_by_exact_enumeration(replace):
     g_theta_true, g_w_true = torch.autograd.grad(v @ exact_logits, (theta, w))
 
     a0 = theta0.softmax(0)
-    draws = itertools.product(range(k), repeat=n) if replace else itertools.permutations(range(k), n)
+    draws = (
+        itertools.product(range(k), repeat=n) if replace else itertools.permutations(range(k), n)
+    )
     e_logits, e_gt, e_gw, total = 0.0, 0.0, 0.0, 0.0
     for s in draws:
         p, used = 1.0, 0.0
@@ -290,8 +313,16 @@ def test_two_level_estimate_unbiased_by_exact_enumeration(replace):
     the feature network) equals the exact nested model ``Σ_k a_k Σ_j a'_{kj} f_{kj}``."""
     torch.manual_seed(1)
     k1, n1, k2, n2 = 3, 2, 3, 2
-    cfg = ATSConfig(patch_size=5, n_patches=n2, feature_dim=3, two_level=True, n_regions=n1,
-                    region_size=3, region_level_scale=2.0, patch_level_scale=1.0)
+    cfg = ATSConfig(
+        patch_size=5,
+        n_patches=n2,
+        feature_dim=3,
+        two_level=True,
+        n_regions=n1,
+        region_size=3,
+        region_level_scale=2.0,
+        patch_level_scale=1.0,
+    )
     m = AttentionSampling(cfg).double()
     theta0 = torch.tensor([0.4, -0.7, 0.2], dtype=torch.float64)
     phi0 = torch.tensor([[0.1, 0.9, -0.5], [-0.3, 0.0, 0.6], [1.2, -0.8, 0.3]], dtype=torch.float64)
@@ -309,7 +340,11 @@ def test_two_level_estimate_unbiased_by_exact_enumeration(replace):
     true = grads(exact_logits, theta, phi)
 
     def ordered(k, n, probs):
-        draws = itertools.product(range(k), repeat=n) if replace else itertools.permutations(range(k), n)
+        draws = (
+            itertools.product(range(k), repeat=n)
+            if replace
+            else itertools.permutations(range(k), n)
+        )
         for s in draws:
             p, used = 1.0, 0.0
             for j in s:
@@ -328,8 +363,9 @@ def test_two_level_estimate_unbiased_by_exact_enumeration(replace):
             region_att = phi.softmax(1)[list(s1)].reshape(n1, 1, k2)
             region_idx = torch.tensor([list(s2) for s2, _ in combo])
             patches = torch.stack([patches_all[r, j] for r, (s2, _) in zip(s1, combo) for j in s2])
-            logits, _ = m.classify_two_level(patches, att, torch.tensor([s1]), region_att,
-                                             region_idx, replace=replace)
+            logits, _ = m.classify_two_level(
+                patches, att, torch.tensor([s1]), region_att, region_idx, replace=replace
+            )
             g = grads(logits[0], theta, phi)
             total += p
             e_logits = e_logits + p * logits[0].detach()
@@ -345,8 +381,16 @@ def test_two_level_estimate_unbiased_by_exact_enumeration(replace):
 
 def test_two_level_forward_reads_regions_then_patches_inside_them():
     torch.manual_seed(0)
-    cfg = ATSConfig(patch_size=6, n_patches=3, feature_dim=5, two_level=True, n_regions=2,
-                    region_size=12, region_level_scale=2.0, patch_level_scale=1.0)
+    cfg = ATSConfig(
+        patch_size=6,
+        n_patches=3,
+        feature_dim=5,
+        two_level=True,
+        n_regions=2,
+        region_size=12,
+        region_level_scale=2.0,
+        patch_level_scale=1.0,
+    )
     m = AttentionSampling(cfg)
     image = torch.rand(3, 96, 96)
     view = F.interpolate(image[None], size=(16, 16), mode="area").expand(2, -1, -1, -1).contiguous()
@@ -387,8 +431,16 @@ def test_forward_masks_every_attention_map_before_drawing(two_level):
     read, the regions' (level 2); the masked maps are distributions and nothing is drawn
     outside them. A map whose mask is all zero is only renormalised."""
     torch.manual_seed(0)
-    cfg = ATSConfig(patch_size=6, n_patches=3, feature_dim=5, two_level=two_level, n_regions=2,
-                    region_size=12, region_level_scale=2.0, patch_level_scale=1.0)
+    cfg = ATSConfig(
+        patch_size=6,
+        n_patches=3,
+        feature_dim=5,
+        two_level=two_level,
+        n_regions=2,
+        region_size=12,
+        region_level_scale=2.0,
+        patch_level_scale=1.0,
+    )
     m = AttentionSampling(cfg)
     image = torch.rand(3, 96, 96)
     view = F.interpolate(image[None], size=(16, 16), mode="area").expand(2, -1, -1, -1).contiguous()
@@ -407,8 +459,13 @@ def test_forward_masks_every_attention_map_before_drawing(two_level):
         return torch.rand(2 * 3 * (2 if two_level else 1), 3, 6, 6)
 
     read_regions = (lambda centres: torch.rand(4, 3, 12, 12)) if two_level else None
-    out = m(view, read_patches, torch.Generator().manual_seed(3), read_regions=read_regions,
-            visible=visible)
+    out = m(
+        view,
+        read_patches,
+        torch.Generator().manual_seed(3),
+        read_regions=read_regions,
+        visible=visible,
+    )
     assert [level for level, _ in calls] == ([1, 2] if two_level else [1])
     torch.testing.assert_close(out.attention.sum(dim=(1, 2)), torch.ones(2))
     assert float(out.attention.detach()[:, :, 8:].abs().sum()) == 0
@@ -420,8 +477,12 @@ def test_forward_masks_every_attention_map_before_drawing(two_level):
         assert (out.region_centres[0] < 4 / 12).all()
         assert (ra[1:] > 0).all()  # nothing visible: left whole
     with pytest.raises(ValueError, match="mask"):
-        m(view, read_patches, read_regions=read_regions,
-          visible=lambda attention, level: torch.ones(1, 2, 3))
+        m(
+            view,
+            read_patches,
+            read_regions=read_regions,
+            visible=lambda attention, level: torch.ones(1, 2, 3),
+        )
 
 
 def test_strict_forward_refuses_more_distinct_draws_than_visible_positions():
@@ -460,7 +521,10 @@ def test_reinforce_trainer_step_updates_both_parameter_groups():
     before_att = [p.detach().clone() for p in m.attention_parameters()]
     before_cls = [p.detach().clone() for p in m.classifier_parameters()]
     g = torch.Generator().manual_seed(0)
-    stats = [trainer.step(view, crop_reader(image, 8), torch.tensor([0, 1]), generator=g) for _ in range(3)]
+    stats = [
+        trainer.step(view, crop_reader(image, 8), torch.tensor([0, 1]), generator=g)
+        for _ in range(3)
+    ]
     assert all(set(s) == {"loss", "attention_loss", "reward", "baseline"} for s in stats)
     assert trainer.baseline.value is not None
     assert any(not torch.equal(b, p) for b, p in zip(before_att, m.attention_parameters()))
@@ -486,13 +550,19 @@ def test_registered_with_the_registry_and_checkpoint_roundtrip(tmp_path):
     checkpoints.save_checkpoint(m, tmp_path / "ats")
     loaded = registry.load_model(str(tmp_path / "ats.safetensors"), device="cpu")
     assert isinstance(loaded, AttentionSampling) and loaded.config == m.config
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values())
+    )
     assert checkpoints.read_checkpoint(tmp_path / "ats").config_hash == m.config.config_hash()
     with pytest.raises(ValueError):  # a patch that does not fit in its region
-        registry.build_architecture("ats", {**m.config.to_dict(), "two_level": True,
-                                            "region_size": 4, "region_level_scale": 1.0})
+        registry.build_architecture(
+            "ats",
+            {**m.config.to_dict(), "two_level": True, "region_size": 4, "region_level_scale": 1.0},
+        )
     two = registry.load_model("ats-2level", device="cpu")
     checkpoints.save_checkpoint(two, tmp_path / "two")
     loaded = registry.load_model(str(tmp_path / "two.safetensors"), device="cpu")
     assert loaded.config == two.config and loaded.region_attention_net is not None
-    assert all(torch.equal(a, b) for a, b in zip(two.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(two.state_dict().values(), loaded.state_dict().values())
+    )

@@ -58,16 +58,17 @@ def test_ats_region_and_patch_reads_follow_the_augmentation(cohort_csv, k, flip)
         px = cfg.region_side / (frame[2] - frame[0]) * size
         for i, (cx, cy) in enumerate(centres[0].tolist()):
             x0, y0 = round(cx * size - px / 2), round(cy * size - px / 2)
-            crop = whole[:, :, y0:y0 + round(px), x0:x0 + round(px)]
+            crop = whole[:, :, y0 : y0 + round(px), x0 : x0 + round(px)]
             want = F.interpolate(crop, size=(8, 8), mode="area")
-            error = (F.interpolate(got[i:i + 1], size=(8, 8), mode="area") - want).abs().mean()
+            error = (F.interpolate(got[i : i + 1], size=(8, 8), mode="area") - want).abs().mean()
             assert error < 0.04
         # patches inside an augmented region: the centre of the region is the region's centre
         patches = reads.read_patches(centres, torch.full((2, 1, 2), 0.5))
         assert patches.shape == (2, 3, cfg.patch_size, cfg.patch_size)
         regions, inside = reads.region_frames[0], reads.patch_frames[0]
-        np.testing.assert_allclose((inside[:, :2] + inside[:, 2:]) / 2,
-                                   (regions[:, :2] + regions[:, 2:]) / 2)
+        np.testing.assert_allclose(
+            (inside[:, :2] + inside[:, 2:]) / 2, (regions[:, :2] + regions[:, 2:]) / 2
+        )
 
 
 class FakeReader:
@@ -79,16 +80,25 @@ class FakeReader:
     def read(self, frames, size, visible, device=None):
         self.frames.append(np.array(frames))
         pixels = torch.arange(len(frames), dtype=torch.uint8).reshape(-1, 1, 1, 1)
-        return SimpleNamespace(pixels=pixels.expand(-1, 3, size, size).clone(),
-                               levels=np.zeros(len(frames), dtype=np.int64))
+        return SimpleNamespace(
+            pixels=pixels.expand(-1, 3, size, size).clone(),
+            levels=np.zeros(len(frames), dtype=np.int64),
+        )
 
 
 @pytest.mark.parametrize("k,flip", [(0, False), (1, False), (3, True)])
 def test_slide_reads_map_centres_and_masks_through_the_op(k, flip):
     """Under an op, centres go back to the slide's own orientation before the frame is made,
     and the visibility mask is the slide's own, transformed like the view."""
-    cfg = ATSConfig(patch_size=4, n_patches=2, patch_level_scale=10.0, two_level=True,
-                    n_regions=2, region_size=8, region_level_scale=20.0)
+    cfg = ATSConfig(
+        patch_size=4,
+        n_patches=2,
+        patch_level_scale=10.0,
+        two_level=True,
+        n_regions=2,
+        region_size=8,
+        region_level_scale=20.0,
+    )
     op = Dihedral(k, flip)
     frames = np.array([[0.0, 0.0, 800.0, 800.0]])
     visible = np.array([[0.0, 200.0, 800.0, 600.0]])  # a 2:1 slide letterboxed in its frame
@@ -103,8 +113,9 @@ def test_slide_reads_map_centres_and_masks_through_the_op(k, flip):
     centre = torch.tensor([[[0.25, 0.75]]])
     reads.read_patches(centre)
     back = (op.matrix() @ (centre[0, 0] * 2 - 1)).add(1).div(2).double().numpy()
-    np.testing.assert_allclose((reader.frames[-1][0, :2] + reader.frames[-1][0, 2:]) / 2,
-                               back * 800, atol=1e-4)
+    np.testing.assert_allclose(
+        (reader.frames[-1][0, :2] + reader.frames[-1][0, 2:]) / 2, back * 800, atol=1e-4
+    )
     np.testing.assert_allclose(reader.frames[-1][0, 2:] - reader.frames[-1][0, :2], 40.0)
     # the regions' masks are made over the regions read last (rows outside the slide: 0)
     reads.read_regions(torch.tensor([[[0.5, 0.5], [0.5, 0.3]]]))
@@ -135,17 +146,22 @@ def test_validation_forward_matches_magnify(cohort_csv, name):
             with torch.inference_mode():
                 _, _, prob = task.loss(images, torch.zeros(1), batch, generator, False)
                 view = images[0].float().div(255)
-                out = model(view, reads.read_patches, torch.Generator().manual_seed(0),
-                            read_regions=reads.read_regions if cfg.two_level else None,
-                            visible=reads.visible_mask)
+                out = model(
+                    view,
+                    reads.read_patches,
+                    torch.Generator().manual_seed(0),
+                    read_regions=reads.read_regions if cfg.two_level else None,
+                    visible=reads.visible_mask,
+                )
             with open_slide(record.path) as slide:
                 items = list(magnify(slide, model, device="cpu", seed=0))
             steps = [x for x in items if isinstance(x, MagnifyStep)]
             result = items[-1]
             assert isinstance(result, MagnifyResult)
             assert float(prob[0]) == pytest.approx(result.probability, abs=1e-5)
-            np.testing.assert_allclose(steps[0].attention_maps[0], out.attention[0].numpy(),
-                                       rtol=1e-4, atol=1e-9)
+            np.testing.assert_allclose(
+                steps[0].attention_maps[0], out.attention[0].numpy(), rtol=1e-4, atol=1e-9
+            )
             first = reads.region_frames if cfg.two_level else reads.patch_frames
             np.testing.assert_allclose(steps[0].boxes, clip_boxes(first[0], batch.visible[0]))
             if cfg.two_level:

@@ -56,10 +56,12 @@ def sampling_reader(model: MagNet, slides: torch.Tensor):
 
 
 def layer1_views(model: MagNet, slides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = F.interpolate(slides, size=model.config.input_size, mode="bilinear", antialias=True,
-                       align_corners=False)
-    hi = F.interpolate(slides, size=model.hi_size(1), mode="bilinear", antialias=True,
-                       align_corners=False)
+    lo = F.interpolate(
+        slides, size=model.config.input_size, mode="bilinear", antialias=True, align_corners=False
+    )
+    hi = F.interpolate(
+        slides, size=model.hi_size(1), mode="bilinear", antialias=True, align_corners=False
+    )
     return lo.clamp(0, 1), hi.clamp(0, 1)
 
 
@@ -196,8 +198,9 @@ def test_theta_from_crafted_maps(lite):
     # left half: centre x at tanh(-0.5), y at 0; s = E|x-cx| + E|y-cy| = 0.25 + 0.5, but
     # clamped to stay inside: 1 - tanh(0.5)
     assert theta[3, 0, 2].item() == pytest.approx(float(torch.tanh(torch.tensor(-0.5))), abs=1e-4)
-    assert theta[3, 0, 0].item() == pytest.approx(min(0.75, 1 - float(torch.tanh(
-        torch.tensor(0.5)))), abs=1e-4)
+    assert theta[3, 0, 0].item() == pytest.approx(
+        min(0.75, 1 - float(torch.tanh(torch.tensor(0.5)))), abs=1e-4
+    )
     assert (theta[:, 0, 1] == 0).all() and (theta[:, 1, 0] == 0).all()
     assert torch.equal(theta[:, 0, 0], theta[:, 1, 1])
 
@@ -290,7 +293,9 @@ def test_shapes_lineage_and_theta_chains(lite):
         chain = out.theta_chains[layer - 1]
         for r in range(chain.shape[0]):
             parent, p = divmod(r, P[layer - 1])
-            ref = compose_theta(prev[parent:parent + 1], lo.theta[parent:parent + 1, p:p + 1])[0]
+            ref = compose_theta(
+                prev[parent : parent + 1], lo.theta[parent : parent + 1, p : p + 1]
+            )[0]
             assert torch.allclose(chain[r], ref, atol=1e-6)
         prev = chain
     # pixel values: patch r of layer l shows layer-1 coordinates chain_r(u) (slide 1 scaled by
@@ -302,8 +307,9 @@ def test_shapes_lineage_and_theta_chains(lite):
         if layer == 1:
             expect = expect * torch.tensor([1.0] * 3 + [0.9] * 3).view(-1, 1, 1, 1)
         # compare where the sampling point lies inside the source's pixel-centre range
-        local = F.affine_grid(lo.theta.reshape(-1, 2, 3), [chain.shape[0], 3, size, size],
-                              align_corners=False)
+        local = F.affine_grid(
+            lo.theta.reshape(-1, 2, 3), [chain.shape[0], 3, size, size], align_corners=False
+        )
         inside = (local.abs() <= 1 - 1 / hs).all(-1)
         got = lo.patches[:, :2]
         diff = (got - expect).abs().amax(1)[inside]
@@ -357,7 +363,8 @@ def test_gradient_reaches_every_stack_and_theta():
     total, parts = model.loss(out, labels)
     assert set(parts) == {"paradoxical", "aux", "aux1", "aux3", "classification", "total"}
     assert parts["total"] == pytest.approx(
-        parts["paradoxical"] + parts["aux"] + parts["classification"], rel=1e-5)
+        parts["paradoxical"] + parts["aux"] + parts["classification"], rel=1e-5
+    )
     assert parts["aux"] == pytest.approx(parts["aux1"] + parts["aux3"], rel=1e-5)
     total.backward()
     assert all(p.grad is not None for p in model.aux.parameters())
@@ -383,15 +390,18 @@ def test_paradoxical_loss_formula(lite):
 
 
 def test_grey_filter_on_crafted_image():
-    px = torch.tensor([
-        [100, 114, 100],  # max diff 14 → grey → black
-        [100, 115, 100],  # 15 → kept
-        [0, 0, 0],
-        [255, 255, 255],  # white glass → black
-        [200, 50, 50],  # tissue → kept
-        [120, 128, 134],  # pairwise 8, 14, 6 → black
-        [120, 128, 135],  # 15 between R and B → kept
-    ], dtype=torch.uint8)
+    px = torch.tensor(
+        [
+            [100, 114, 100],  # max diff 14 → grey → black
+            [100, 115, 100],  # 15 → kept
+            [0, 0, 0],
+            [255, 255, 255],  # white glass → black
+            [200, 50, 50],  # tissue → kept
+            [120, 128, 134],  # pairwise 8, 14, 6 → black
+            [120, 128, 135],  # 15 between R and B → kept
+        ],
+        dtype=torch.uint8,
+    )
     img8 = px.T.reshape(3, 1, -1)  # (3, 1, 7)
     keep = torch.tensor([False, True, False, False, True, False, True])
     out8 = grey_filter(img8)
@@ -459,14 +469,19 @@ def test_dihedral_coordinates_and_region_reads():
             grid_aug = F.affine_grid(chain, [1, 3, 16, 16], align_corners=False)
             a = F.grid_sample(op.apply(slide), grid_aug, align_corners=False)
             orig = op.to_original(chain)
-            b = F.grid_sample(slide, F.affine_grid(orig, [1, 3, 16, 16], align_corners=False),
-                              align_corners=False)
+            b = F.grid_sample(
+                slide, F.affine_grid(orig, [1, 3, 16, 16], align_corners=False), align_corners=False
+            )
             assert torch.allclose(a, b, atol=1e-5)
             # … == apply() of the axis-aligned box read at the moved centre
             box = torch.cat([torch.eye(2).unsqueeze(0) * 0.3, orig[:, :, 2:]], -1)
-            c = op.apply(F.grid_sample(slide, F.affine_grid(box, [1, 3, 16, 16],
-                                                            align_corners=False),
-                                       align_corners=False))
+            c = op.apply(
+                F.grid_sample(
+                    slide,
+                    F.affine_grid(box, [1, 3, 16, 16], align_corners=False),
+                    align_corners=False,
+                )
+            )
             assert torch.allclose(a, c, atol=1e-5)
     (x, y), op = augment(slide, slide[:, :1], generator=torch.Generator().manual_seed(0))
     assert torch.equal(x[:, :1], y) and torch.equal(x, op.apply(slide))
@@ -489,16 +504,22 @@ def test_autocast_bf16_keeps_theta_and_sampling_in_fp32(lite):
     # bf16 maps move θ a little; the sampling itself is exact fp32 for the θ it was given
     from napari_magnet.models.sampler import affine_sample
 
-    again = affine_sample(hi.repeat_interleave(3, 0), out.theta.detach().reshape(-1, 2, 3), 224,
-                          align_corners=False, linearized=False)
+    again = affine_sample(
+        hi.repeat_interleave(3, 0),
+        out.theta.detach().reshape(-1, 2, 3),
+        224,
+        align_corners=False,
+        linearized=False,
+    )
     assert torch.allclose(again, out.patches.detach(), atol=1e-6)
     assert (out.theta - ref.theta).abs().max() < 0.1
 
 
 def _gru_input_dtypes(model: MagNet, device: str, dtype: torch.dtype, scale: float):
     seen = []
-    hook = model.gru.register_forward_hook(lambda mod, inp, out: seen.append(
-        (inp[0].dtype, out[0].dtype)))
+    hook = model.gru.register_forward_hook(
+        lambda mod, inp, out: seen.append((inp[0].dtype, out[0].dtype))
+    )
     patches = coloured_slides(2 * 4, model.config.final_size, seed=8).to(device) * scale
     try:
         with torch.no_grad(), torch.autocast(device, dtype=dtype):

@@ -12,7 +12,6 @@ from napari_magnet.engine.frames import chain_frames
 from napari_magnet.engine.training import TrainOptions
 from napari_magnet.models.augment import Dihedral
 from napari_magnet.models.registry import load_model
-
 from tests.engine.test_cohort import make_cohort
 from tests.engine.training.helpers import letterboxed as _letterboxed
 
@@ -25,16 +24,18 @@ def cohort_csv(tmp_path_factory):
 @pytest.mark.parametrize("k,flip", [(0, False), (1, False), (2, True), (3, True)])
 def test_region_reads_follow_the_augmentation(cohort_csv, k, flip):
     """read_hi for an augmented forward shows what the augmented slide shows at the θ chain."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from napari_magnet.engine.batches import SlideBatch as _Batch
     from napari_magnet.models.magnet import MagNetTask as _MagNetTask
-    from concurrent.futures import ThreadPoolExecutor
 
     records = [r for r in read_cohort(cohort_csv) if r.label == 1][:1]
     model = load_model("magnet3-lite", device="cpu")
     task = _MagNetTask(model, TrainOptions(slides="", out=""), torch.device("cpu"))
     op = Dihedral(k, flip)
-    chain = torch.tensor([[[0.3, 0.0, 0.35], [0.0, 0.3, -0.4]],
-                          [[0.5, 0.0, -0.2], [0.0, 0.5, 0.1]]])
+    chain = torch.tensor(
+        [[[0.3, 0.0, 0.35], [0.0, 0.3, -0.4]], [[0.5, 0.0, -0.2], [0.0, 0.5, 0.1]]]
+    )
     with SlidePool() as pool, ThreadPoolExecutor(2) as threads:
         batch = _Batch(records, pool, [op], threads)
         got = task._read_hi(batch)(2, chain)  # (2, 3, 112, 112)
@@ -43,8 +44,10 @@ def test_region_reads_follow_the_augmentation(cohort_csv, k, flip):
         whole = _letterboxed(reader, batch.frames[:1], batch.visible[:1], 2048)
         # reference: sample the augmented whole slide at the chain
         grid = F.affine_grid(chain, [2, 3, 112, 112], align_corners=False)
-        want = F.grid_sample(op.apply(whole).expand(2, -1, -1, -1), grid, mode="bilinear",
-                             align_corners=False)
+        want = F.grid_sample(
+            op.apply(whole).expand(2, -1, -1, -1), grid, mode="bilinear", align_corners=False
+        )
+
         # compare at 14 x 14 (the texture aliases differently in the two resamplings)
         def low(x):
             return F.avg_pool2d(x, 8)
@@ -59,8 +62,9 @@ def test_region_reads_follow_the_augmentation(cohort_csv, k, flip):
         frames = chain_frames(batch.frames[0], np.array([[0.35, -0.4]]), np.array([0.3]))
         f = batch.frames[0]
         w = f[2] - f[0]
-        np.testing.assert_allclose(frames[0], [f[0] + w * 0.525, f[1] + w * 0.15,
-                                               f[0] + w * 0.825, f[1] + w * 0.45])
+        np.testing.assert_allclose(
+            frames[0], [f[0] + w * 0.525, f[1] + w * 0.15, f[0] + w * 0.825, f[1] + w * 0.45]
+        )
 
 
 def test_validation_forward_matches_magnify(cohort_csv):
@@ -68,10 +72,10 @@ def test_validation_forward_matches_magnify(cohort_csv):
     from concurrent.futures import ThreadPoolExecutor
 
     from napari_magnet import magnify, open_slide
-    from napari_magnet.engine.cohort import SlideDataset
     from napari_magnet.engine.batches import SlideBatch as _Batch
-    from napari_magnet.models.magnet import MagNetTask as _MagNetTask
+    from napari_magnet.engine.cohort import SlideDataset
     from napari_magnet.engine.types import MagnifyResult
+    from napari_magnet.models.magnet import MagNetTask as _MagNetTask
 
     records = read_cohort(cohort_csv)[:3]
     model = load_model("magnet3-lite", device="cpu").eval()
@@ -84,7 +88,7 @@ def test_validation_forward_matches_magnify(cohort_csv):
             _, _, prob = task.loss(images, torch.zeros(3), batch, None, False)
     for record, p in zip(records, prob.tolist()):
         with open_slide(record.path) as slide:
-            result = [x for x in magnify(slide, model, device="cpu")
-                      if isinstance(x, MagnifyResult)][0]
+            result = [
+                x for x in magnify(slide, model, device="cpu") if isinstance(x, MagnifyResult)
+            ][0]
         assert p == pytest.approx(result.probability, abs=2e-3)
-

@@ -33,10 +33,16 @@ class ExportPanel(QGroupBox):
         Parent widget.
     """
 
-    def __init__(self, viewer: Any, *, slide_layer: Callable[[], Any],
-                 last_run: Callable[[str], Any], classes: Callable[[], list[str]],
-                 on_imported: Callable[[Any], None] | None = None,
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        viewer: Any,
+        *,
+        slide_layer: Callable[[], Any],
+        last_run: Callable[[str], Any],
+        classes: Callable[[], list[str]],
+        on_imported: Callable[[Any], None] | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__("Export and import", parent)
         self.viewer = viewer
         self._slide_layer = slide_layer
@@ -45,8 +51,9 @@ class ExportPanel(QGroupBox):
         self._on_imported = on_imported
         row = QHBoxLayout(self)
         self.export_button = QPushButton("Export all…")
-        self.export_button.setToolTip("rois.geojson, annotations.geojson, attention_L*.ome.tif "
-                                      "and result.json into a folder")
+        self.export_button.setToolTip(
+            "rois.geojson, annotations.geojson, attention_L*.ome.tif and result.json into a folder"
+        )
         self.export_button.clicked.connect(lambda: self.export_all())
         self.import_button = QPushButton("Import GeoJSON…")
         self.import_button.setToolTip("QuPath or napari-magnet GeoJSON onto the slide")
@@ -75,8 +82,9 @@ class ExportPanel(QGroupBox):
             if not path:
                 return None
         try:
-            record = collect_export(self.viewer, slide_layer,
-                                    self._last_run(slide_path_of(slide_layer)))
+            record = collect_export(
+                self.viewer, slide_layer, self._last_run(slide_path_of(slide_layer))
+            )
             written = write_export(record, path)
         except Exception as exc:  # noqa: BLE001 - reported, the viewer survives
             show_error(f"napari-magnet: export failed: {type(exc).__name__}: {exc}")
@@ -104,8 +112,9 @@ class ExportPanel(QGroupBox):
             show_error("napari-magnet: open the slide the annotations belong to first")
             return None
         if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Import GeoJSON", "",
-                                                  "GeoJSON (*.geojson *.json)")
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Import GeoJSON", "", "GeoJSON (*.geojson *.json)"
+            )
             if not path:
                 return None
         try:
@@ -117,9 +126,14 @@ class ExportPanel(QGroupBox):
         except GeoJSONError as exc:
             show_error(f"napari-magnet: cannot import: {exc}")
             return None
-        layer = add_annotations_layer(self.viewer, slide_layer, result.annotations,
-                                      kind="imported", classes=self._classes,
-                                      name=f"{slide_layer.name} · {Path(path).stem}")
+        layer = add_annotations_layer(
+            self.viewer,
+            slide_layer,
+            result.annotations,
+            kind="imported",
+            classes=self._classes,
+            name=f"{slide_layer.name} · {Path(path).stem}",
+        )
         if self._on_imported is not None:
             self._on_imported(layer)
         return layer

@@ -108,22 +108,26 @@ class MagnifyPanel(QGroupBox):
             item.setEnabled(False)
             item.setToolTip(reason)
             self.device_combo.setItemData(2, reason, Qt.ToolTipRole)
-        self.device_combo.setToolTip("auto = CUDA when available, else CPU"
-                                     + ("" if ok else f"\nCUDA: {reason}"))
+        self.device_combo.setToolTip(
+            "auto = CUDA when available, else CPU" + ("" if ok else f"\nCUDA: {reason}")
+        )
         form.addRow("Device", self.device_combo)
 
         self.patches_spin = QSpinBox()
         self.patches_spin.setRange(0, 100_000)
         self.patches_spin.setSpecialValueText("model default")
-        self.patches_spin.setToolTip("Number of patches the model draws (per region for "
-                                     "multi-level sampling); only for models whose patches "
-                                     "are adjustable — for the others the architecture fixes "
-                                     "them")
+        self.patches_spin.setToolTip(
+            "Number of patches the model draws (per region for "
+            "multi-level sampling); only for models whose patches "
+            "are adjustable — for the others the architecture fixes "
+            "them"
+        )
         form.addRow("Patches", self.patches_spin)
 
         self.region_label = _wrapping_label("Region: whole slide")
-        self.region_label.setToolTip("Select a rectangle in a Shapes layer (not an ROI layer) "
-                                     "to magnify inside it")
+        self.region_label.setToolTip(
+            "Select a rectangle in a Shapes layer (not an ROI layer) to magnify inside it"
+        )
         form.addRow(self.region_label)
 
         buttons = QHBoxLayout()
@@ -244,7 +248,8 @@ class MagnifyPanel(QGroupBox):
     def _on_model_changed(self, index: int) -> None:
         if self.model_combo.itemData(index) == CHECKPOINT_SENTINEL:
             path, _ = QFileDialog.getOpenFileName(
-                self, "Choose a checkpoint", "", "Checkpoints (*.safetensors *.json)")
+                self, "Choose a checkpoint", "", "Checkpoints (*.safetensors *.json)"
+            )
             self.model_combo.blockSignals(True)
             try:
                 if path:
@@ -266,8 +271,9 @@ class MagnifyPanel(QGroupBox):
             self.region_label.setText("Region: whole slide")
             return
         x0, y0, x1, y1 = box
-        self.region_label.setText(f"Region: selected box x {x0:.0f}–{x1:.0f}, "
-                                  f"y {y0:.0f}–{y1:.0f} px")
+        self.region_label.setText(
+            f"Region: selected box x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} px"
+        )
 
     def show_status(self, status: RunStatus) -> None:
         """Display a run's status: buttons, progress and the result line."""

@@ -29,9 +29,11 @@ from ..layers import layer_kind
 REVIEWED_KINDS = ("annotations", "rois", "imported")
 #: Kinds of the layers new shapes are drawn in (they take the current class).
 DRAWN_KINDS = ("annotations", "imported")
-REVIEW_BUTTONS = (("Accept", "accepted", "Shift-A"),
-                  ("Reject", "rejected", "Shift-R"),
-                  ("Unreviewed", "unreviewed", "Shift-U"))
+REVIEW_BUTTONS = (
+    ("Accept", "accepted", "Shift-A"),
+    ("Reject", "rejected", "Shift-R"),
+    ("Unreviewed", "unreviewed", "Shift-U"),
+)
 
 
 class ReviewPanel(QGroupBox):
@@ -51,21 +53,26 @@ class ReviewPanel(QGroupBox):
         self.classes: list[str] = list(DEFAULT_CLASSES)
         form = QFormLayout(self)
         self.classes_edit = QLineEdit(", ".join(self.classes))
-        self.classes_edit.setToolTip("Annotation classes, comma-separated (Alt-1 … Alt-9 "
-                                     "give the selected shapes class 1 … 9)")
+        self.classes_edit.setToolTip(
+            "Annotation classes, comma-separated (Alt-1 … Alt-9 "
+            "give the selected shapes class 1 … 9)"
+        )
         self.classes_edit.editingFinished.connect(
-            lambda: self.set_classes(self.classes_edit.text().split(",")))
+            lambda: self.set_classes(self.classes_edit.text().split(","))
+        )
         form.addRow("Classes", self.classes_edit)
 
         row = QHBoxLayout()
         self.class_combo = QComboBox()
         self.class_combo.addItems(self.classes)
-        self.class_combo.setToolTip("Class of new shapes, and of the selected ones with "
-                                    "'Set class'")
+        self.class_combo.setToolTip(
+            "Class of new shapes, and of the selected ones with 'Set class'"
+        )
         self.class_combo.currentTextChanged.connect(self._on_current_class)
         self.set_class_button = QPushButton("Set class")
         self.set_class_button.clicked.connect(
-            lambda: self.set_class(self.class_combo.currentText()))
+            lambda: self.set_class(self.class_combo.currentText())
+        )
         row.addWidget(self.class_combo, 1)
         row.addWidget(self.set_class_button)
         form.addRow("Class", row)

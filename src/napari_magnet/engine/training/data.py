@@ -58,8 +58,7 @@ def epoch_rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, keys)]))
 
 
-def seeded_generator(seed: int, *keys: int, device: torch.device | str = "cpu"
-                     ) -> torch.Generator:
+def seeded_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on ``device`` seeded from ``(seed, *keys)``.
 
     Parameters
@@ -117,8 +116,9 @@ def train_cache_budget() -> int:
     return int(min(12 * 2**30, ram // 4))
 
 
-def slide_pools(n_slides: int, batch_size: int, workers: int,
-                rule: str = "enough") -> tuple[SlidePool, SlidePool]:
+def slide_pools(
+    n_slides: int, batch_size: int, workers: int, rule: str = "enough"
+) -> tuple[SlidePool, SlidePool]:
     """The run's slide pools.
 
     The region pool (the main process's magnifying reads) keeps as many of the run's slides
@@ -158,8 +158,9 @@ def slide_pools(n_slides: int, batch_size: int, workers: int,
 
 def _collate(items: list[dict]) -> dict:
     return {
-        "images": [torch.stack([it["images"][k] for it in items])
-                   for k in range(len(items[0]["images"]))],
+        "images": [
+            torch.stack([it["images"][k] for it in items]) for k in range(len(items[0]["images"]))
+        ],
         "label": torch.stack([it["label"] for it in items]),
         "index": torch.stack([it["index"] for it in items]),
     }
@@ -189,11 +190,16 @@ class _Loader:
         # Workers come from a fork server, not a fork of this process: a fork taken while the
         # region-reading threads and torch's thread pools exist can inherit a held lock and
         # hang (seen on a second train() in one process).
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                 num_workers=workers, collate_fn=_collate,
-                                 persistent_workers=workers > 0,
-                                 pin_memory=torch.cuda.is_available(),
-                                 multiprocessing_context="forkserver" if workers > 0 else None)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            multiprocessing_context="forkserver" if workers > 0 else None,
+        )
 
     def epoch(self, order: Sequence[int]):
         """The loader, set to yield the slides of ``order`` (dataset indices) in batches."""

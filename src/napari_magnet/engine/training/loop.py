@@ -20,8 +20,7 @@ import torch
 
 from ...io.atomic import atomic_write_json
 from ..batches import SlideBatch, amp_dtype
-from ..cohort import (SlideDataset, SlidePool, SlideRecord, class_counts, read_cohort,
-                      split_cohort)
+from ..cohort import SlideDataset, SlidePool, SlideRecord, class_counts, read_cohort, split_cohort
 from ..evaluation import accuracy, auroc
 from .data import _Loader, epoch_rng, seed_global_torch, seeded_generator, slide_pools
 from .options import TrainOptions, TrainResult
@@ -48,8 +47,9 @@ def _make_task(model, options: TrainOptions, device: torch.device):
 
     family = family_of(model)
     if family.training_task is None:
-        raise ValueError(f"models of the {family.architecture!r} family cannot be trained "
-                         f"from slides")
+        raise ValueError(
+            f"models of the {family.architecture!r} family cannot be trained from slides"
+        )
     return family.training_task(model, options, device)
 
 
@@ -67,8 +67,12 @@ def _check_options(options: TrainOptions) -> None:
 def _start_model(options: TrainOptions):
     """``(model on the CPU, options with the model's name, state meta, state tensors)``:
     the resumed run's model, a warm start from a checkpoint, or a new model."""
-    from ...models.checkpoints import (CheckpointError, load_checkpoint, load_state_into,
-                                       read_checkpoint)
+    from ...models.checkpoints import (
+        CheckpointError,
+        load_checkpoint,
+        load_state_into,
+        read_checkpoint,
+    )
     from ...models.registry import build_architecture, load_model
 
     state_meta: dict[str, Any] | None = None
@@ -80,20 +84,24 @@ def _start_model(options: TrainOptions):
             state_meta, tensors = load_training_state(rp)
         else:
             warm_start = read_checkpoint(rp)  # CheckpointError when neither
-    warm_note = ("warm start from the weights of {} (a model checkpoint, not a training "
-                 "state: a new run, epochs start at 1)")
+    warm_note = (
+        "warm start from the weights of {} (a model checkpoint, not a training "
+        "state: a new run, epochs start at 1)"
+    )
     if state_meta is not None:
         arch = state_meta["model"]["architecture"]
         name = state_meta["model"]["name"]
         if options.model and options.model != name:
-            raise ValueError(f"--model {options.model} differs from the resumed run's model "
-                             f"{name!r}; omit --model when resuming")
+            raise ValueError(
+                f"--model {options.model} differs from the resumed run's model "
+                f"{name!r}; omit --model when resuming"
+            )
         try:
             model = build_architecture(arch, state_meta["model"]["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{options.resume}: cannot rebuild the model ({exc})") from None
         model.model_name = name
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(model_state, strict=True)
         return model, dataclasses.replace(options, model=name), state_meta, tensors
     if warm_start is not None and not options.model:
@@ -104,8 +112,9 @@ def _start_model(options: TrainOptions):
     if not options.model:
         raise ValueError(f"choose a model (--model {', '.join(trainable)})")
     if options.model not in named:
-        raise ValueError(f"unknown model {options.model!r}; trainable models: "
-                         f"{', '.join(trainable)}")
+        raise ValueError(
+            f"unknown model {options.model!r}; trainable models: {', '.join(trainable)}"
+        )
     model = load_model(options.model, device="cpu", seed=options.seed)
     if warm_start is not None:
         load_state_into(model, warm_start)
@@ -113,10 +122,23 @@ def _start_model(options: TrainOptions):
     return model, options, None, None
 
 
-def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequence[int],
-               batch_size: int, options: TrainOptions, pool: SlidePool,
-               reader_pool: ThreadPoolExecutor, *, train: bool, epoch: int, amp: bool,
-               scaler=None, schedule: CosineSchedule | None = None, desc: str = ""):
+def _run_epoch(
+    task,
+    loaders: _Loader,
+    records: list[SlideRecord],
+    order: Sequence[int],
+    batch_size: int,
+    options: TrainOptions,
+    pool: SlidePool,
+    reader_pool: ThreadPoolExecutor,
+    *,
+    train: bool,
+    epoch: int,
+    amp: bool,
+    scaler=None,
+    schedule: CosineSchedule | None = None,
+    desc: str = "",
+):
     """One pass over ``records`` in ``order``: ``(mean loss, mean loss parts, probabilities,
     labels)``; with ``train``, one optimizer step per batch."""
     from ...models.augment import Dihedral
@@ -138,34 +160,37 @@ def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequen
     if options.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(order), desc=desc, unit="slide", leave=False, file=sys.stderr,
-                   disable=None)  # no bar when stderr is not a terminal (logs stay readable)
+        bar = tqdm(
+            total=len(order), desc=desc, unit="slide", leave=False, file=sys.stderr, disable=None
+        )  # no bar when stderr is not a terminal (logs stay readable)
     try:
         for data in loader:
             idx = data["index"].tolist()
             recs = [records[i] for i in idx]
-            ops = ([Dihedral.random(aug_gen) for _ in recs]
-                   if train and options.augment else None)
+            ops = [Dihedral.random(aug_gen) for _ in recs] if train and options.augment else None
             batch = SlideBatch(recs, pool, ops, reader_pool)
             label = data["label"].float()
             if train:
-                loss, parts, prob = task.loss(data["images"], label.to(task.device), batch,
-                                              sample_gen, amp)
+                loss, parts, prob = task.loss(
+                    data["images"], label.to(task.device), batch, sample_gen, amp
+                )
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}; "
-                                             f"lower the learning rate")
+                    raise FloatingPointError(
+                        f"non-finite loss {float(loss)} at epoch {epoch}; lower the learning rate"
+                    )
                 task.backward_step(loss, scaler, schedule)
             else:
                 with torch.inference_mode():
-                    loss, parts, prob = task.loss(data["images"], label.to(task.device), batch,
-                                                  sample_gen, amp)
+                    loss, parts, prob = task.loss(
+                        data["images"], label.to(task.device), batch, sample_gen, amp
+                    )
             n = len(recs)
             losses.append(float(loss.detach()) * n)
             weights.append(n)
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * n
-            probs[seen:seen + n] = prob.numpy()
-            labels[seen:seen + n] = label.numpy().astype(int)
+            probs[seen : seen + n] = prob.numpy()
+            labels[seen : seen + n] = label.numpy().astype(int)
             seen += n
             if bar is not None:
                 bar.update(n)
@@ -174,8 +199,12 @@ def _run_epoch(task, loaders: _Loader, records: list[SlideRecord], order: Sequen
         if bar is not None:
             bar.close()
     total = sum(weights) or 1
-    return (sum(losses) / total, {k: v / total for k, v in parts_sum.items()},
-            probs[:seen], labels[:seen])
+    return (
+        sum(losses) / total,
+        {k: v / total for k, v in parts_sum.items()},
+        probs[:seen],
+        labels[:seen],
+    )
 
 
 def _is_better(candidate: dict[str, float], best: dict[str, Any] | None) -> bool:
@@ -186,8 +215,12 @@ def _is_better(candidate: dict[str, float], best: dict[str, Any] | None) -> bool
     def key(m: dict) -> tuple:
         def f(v, default):
             return default if v is None or (isinstance(v, float) and math.isnan(v)) else v
-        return (f(m.get("val_auroc"), -1.0), f(m.get("val_accuracy"), -1.0),
-                -f(m.get("val_loss"), f(m.get("train_loss"), math.inf)))
+
+        return (
+            f(m.get("val_auroc"), -1.0),
+            f(m.get("val_accuracy"), -1.0),
+            -f(m.get("val_loss"), f(m.get("train_loss"), math.inf)),
+        )
 
     return key(candidate) > key(best)
 
@@ -225,8 +258,9 @@ def train(options: TrainOptions) -> TrainResult:
 
     # 1. The cohort, validated before anything else.
     records = read_cohort(options.slides, exclude_classes=options.exclude_classes)
-    train_records, val_records = split_cohort(records, options.val_fraction, options.seed,
-                                              where=str(options.slides))
+    train_records, val_records = split_cohort(
+        records, options.val_fraction, options.seed, where=str(options.slides)
+    )
 
     # 2. Resume point (state or weights), model and device.
     device = resolve_device(options.device)
@@ -235,50 +269,82 @@ def train(options: TrainOptions) -> TrainResult:
     task = _make_task(model, options, device)
     batch_size = int(options.batch_size or task.default_batch_size())
     steps_per_epoch = max(math.ceil(len(train_records) / batch_size), 1)
-    schedule = CosineSchedule(list(task.optimizers.values()), options.epochs * steps_per_epoch,
-                              enabled=task.schedule_enabled)
+    schedule = CosineSchedule(
+        list(task.optimizers.values()),
+        options.epochs * steps_per_epoch,
+        enabled=task.schedule_enabled,
+    )
     amp = device.type == "cuda"
     # bf16 has fp32's range (no overflow, no loss scaling); fp16 + GradScaler where it's absent.
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype(device) == torch.float16)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     first_epoch = 1
-    split = {"train": [str(r.path) for r in train_records],
-             "val": [str(r.path) for r in val_records]}
+    split = {
+        "train": [str(r.path) for r in train_records],
+        "val": [str(r.path) for r in val_records],
+    }
     if state_meta is not None:
         history, best, first_epoch = restore_state(
-            state_meta, tensors, task, schedule, scaler, options.epochs * steps_per_epoch,
-            where=options.resume)
-        if state_meta.get("split") and set(state_meta["split"].get("val", [])) != \
-                set(split["val"]):
-            warn("the validation split differs from the resumed run's (different CSV, seed "
-                 "or --val-fraction)")
+            state_meta,
+            tensors,
+            task,
+            schedule,
+            scaler,
+            options.epochs * steps_per_epoch,
+            where=options.resume,
+        )
+        if state_meta.get("split") and set(state_meta["split"].get("val", [])) != set(split["val"]):
+            warn(
+                "the validation split differs from the resumed run's (different CSV, seed "
+                "or --val-fraction)"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "split.json", {
-        "train": split["train"], "val": split["val"],
-        "train_classes": class_counts(train_records),
-        "val_classes": class_counts(val_records)})
+    atomic_write_json(
+        out / "split.json",
+        {
+            "train": split["train"],
+            "val": split["val"],
+            "train_classes": class_counts(train_records),
+            "val_classes": class_counts(val_records),
+        },
+    )
 
     if first_epoch > options.epochs:
-        log(options, f"the run already has {first_epoch - 1} epoch(s) (asked for "
-                     f"{options.epochs}); nothing to do")
-        return TrainResult(out=out, epochs_done=first_epoch - 1,
-                           best_epoch=int(best.get("epoch", 0)), best_metric=best,
-                           history=history, best_checkpoint=out / "best.safetensors"
-                           if (out / "best.safetensors").is_file() else None)
-    log(options, f"training {options.model} on {len(train_records)} slides "
-                 f"({class_counts(train_records)}), validating on {len(val_records)}; "
-                 f"batch {batch_size}, lr {schedule.lr():.3g}, device {device}"
-                 f"{', mixed precision' if amp else ''}; epochs {first_epoch}..{options.epochs}")
+        log(
+            options,
+            f"the run already has {first_epoch - 1} epoch(s) (asked for "
+            f"{options.epochs}); nothing to do",
+        )
+        return TrainResult(
+            out=out,
+            epochs_done=first_epoch - 1,
+            best_epoch=int(best.get("epoch", 0)),
+            best_metric=best,
+            history=history,
+            best_checkpoint=out / "best.safetensors"
+            if (out / "best.safetensors").is_file()
+            else None,
+        )
+    log(
+        options,
+        f"training {options.model} on {len(train_records)} slides "
+        f"({class_counts(train_records)}), validating on {len(val_records)}; "
+        f"batch {batch_size}, lr {schedule.lr():.3g}, device {device}"
+        f"{', mixed precision' if amp else ''}; epochs {first_epoch}..{options.epochs}",
+    )
 
-    pool, layer1_pool = slide_pools(len(train_records) + len(val_records), batch_size,
-                                    options.workers, options.rule)
+    pool, layer1_pool = slide_pools(
+        len(train_records) + len(val_records), batch_size, options.workers, options.rule
+    )
     train_set = SlideDataset(train_records, task.sizes, layer1_pool)
     val_set = SlideDataset(val_records, task.sizes, layer1_pool)
     # One thread per slide of the batch, up to half the cores (each slide's reader decodes
     # its chunks on two threads of its own).
-    reader_pool = ThreadPoolExecutor(max(2, min(batch_size, (os.cpu_count() or 2) // 2)),
-                                     thread_name_prefix="napari-magnet-train")
+    reader_pool = ThreadPoolExecutor(
+        max(2, min(batch_size, (os.cpu_count() or 2) // 2)),
+        thread_name_prefix="napari-magnet-train",
+    )
     train_loader = _Loader(train_set, batch_size, options.workers)
     val_loader = _Loader(val_set, batch_size, options.workers)
     epoch = first_epoch - 1
@@ -287,57 +353,101 @@ def train(options: TrainOptions) -> TrainResult:
             t0, c0 = time.perf_counter(), time.process_time()
             order = epoch_rng(options.seed, epoch).permutation(len(train_records)).tolist()
             train_loss, parts, train_probs, train_labels = _run_epoch(
-                task, train_loader, train_records, order, batch_size, options, pool, reader_pool,
-                train=True, epoch=epoch, amp=amp, scaler=scaler, schedule=schedule,
-                desc=f"epoch {epoch}/{options.epochs}")
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss,
-                                   "train_auroc": auroc(train_labels, train_probs),
-                                   "lr": schedule.lr(), "steps": schedule.step_count}
+                task,
+                train_loader,
+                train_records,
+                order,
+                batch_size,
+                options,
+                pool,
+                reader_pool,
+                train=True,
+                epoch=epoch,
+                amp=amp,
+                scaler=scaler,
+                schedule=schedule,
+                desc=f"epoch {epoch}/{options.epochs}",
+            )
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_auroc": auroc(train_labels, train_probs),
+                "lr": schedule.lr(),
+                "steps": schedule.step_count,
+            }
             row.update({f"train_{k}": v for k, v in parts.items()})
             if val_records:
                 val_loss, _, val_probs, val_labels = _run_epoch(
-                    task, val_loader, val_records, list(range(len(val_records))), batch_size,
-                    options, pool, reader_pool, train=False, epoch=epoch, amp=amp,
-                    desc="validation")
+                    task,
+                    val_loader,
+                    val_records,
+                    list(range(len(val_records))),
+                    batch_size,
+                    options,
+                    pool,
+                    reader_pool,
+                    train=False,
+                    epoch=epoch,
+                    amp=amp,
+                    desc="validation",
+                )
                 if not np.all(np.isfinite(val_probs)):
                     raise RuntimeError(
                         f"epoch {epoch}: the model gave non-finite validation probabilities "
                         f"({int((~np.isfinite(np.asarray(val_probs))).sum())} of "
                         f"{len(val_probs)} slides); its weights diverged. Resume from the "
-                        f"last good state in {out} with a lower --lr, or train on the CPU")
-                row.update(val_loss=val_loss, val_auroc=auroc(val_labels, val_probs),
-                           val_accuracy=accuracy(val_labels, val_probs))
+                        f"last good state in {out} with a lower --lr, or train on the CPU"
+                    )
+                row.update(
+                    val_loss=val_loss,
+                    val_auroc=auroc(val_labels, val_probs),
+                    val_accuracy=accuracy(val_labels, val_probs),
+                )
             else:
-                row.update(val_loss=float("nan"), val_auroc=float("nan"),
-                           val_accuracy=float("nan"))
+                row.update(val_loss=float("nan"), val_auroc=float("nan"), val_accuracy=float("nan"))
             row["seconds"] = time.perf_counter() - t0
             row["cpu_seconds"] = time.process_time() - c0
             history.append(row)
-            metric = {k: row[k] for k in ("val_auroc", "val_accuracy", "val_loss",
-                                          "train_loss")}
-            provenance = {"training": {"epoch": epoch, "cohort": str(options.slides),
-                                       "train_slides": len(train_records),
-                                       "val_slides": len(val_records),
-                                       "metrics": finite_metrics(metric)}}
-            save_checkpoint(model, out / "last", notes=f"napari-magnet train, epoch {epoch}",
-                            extra=provenance)
+            metric = {k: row[k] for k in ("val_auroc", "val_accuracy", "val_loss", "train_loss")}
+            provenance = {
+                "training": {
+                    "epoch": epoch,
+                    "cohort": str(options.slides),
+                    "train_slides": len(train_records),
+                    "val_slides": len(val_records),
+                    "metrics": finite_metrics(metric),
+                }
+            }
+            save_checkpoint(
+                model, out / "last", notes=f"napari-magnet train, epoch {epoch}", extra=provenance
+            )
             if _is_better(metric, best):
                 best = {"epoch": epoch, **finite_metrics(metric)}
-                save_checkpoint(model, out / "best",
-                                notes=f"napari-magnet train, best epoch {epoch}",
-                                extra=provenance)
+                save_checkpoint(
+                    model,
+                    out / "best",
+                    notes=f"napari-magnet train, best epoch {epoch}",
+                    extra=provenance,
+                )
             # The commit point of the epoch: train_state.json, replaced atomically.
             save_state(out, model, task, schedule, scaler, epoch, best, history, options, split)
             write_metrics(out / "metrics.csv", history)
-            plot_learning_curve(history, out / "learning_curve.png",
-                                title=f"{options.model}: {out.name}")
-            log(options, f"epoch {epoch}/{options.epochs}: train loss {train_loss:.4f}, "
-                         f"val loss {row['val_loss']:.4f}, val AUROC {row['val_auroc']:.3f}, "
-                         f"val accuracy {row['val_accuracy']:.3f} ({row['seconds']:.0f} s, "
-                         f"{row['cpu_seconds']:.0f} CPU s)")
+            plot_learning_curve(
+                history, out / "learning_curve.png", title=f"{options.model}: {out.name}"
+            )
+            log(
+                options,
+                f"epoch {epoch}/{options.epochs}: train loss {train_loss:.4f}, "
+                f"val loss {row['val_loss']:.4f}, val AUROC {row['val_auroc']:.3f}, "
+                f"val accuracy {row['val_accuracy']:.3f} ({row['seconds']:.0f} s, "
+                f"{row['cpu_seconds']:.0f} CPU s)",
+            )
     except KeyboardInterrupt:
-        log(options, f"\ninterrupted during epoch {epoch}; epochs up to {epoch - 1} are "
-                     f"saved: resume with --resume {out}")
+        log(
+            options,
+            f"\ninterrupted during epoch {epoch}; epochs up to {epoch - 1} are "
+            f"saved: resume with --resume {out}",
+        )
         raise
     finally:
         reader_pool.shutdown(wait=True)
@@ -346,8 +456,15 @@ def train(options: TrainOptions) -> TrainResult:
     write_metrics(out / "metrics.csv", history)
     plot_learning_curve(history, out / "learning_curve.png", title=f"{options.model}: {out.name}")
     return TrainResult(
-        out=out, epochs_done=epoch, best_epoch=int(best.get("epoch", 0)), best_metric=best,
-        history=history, best_checkpoint=out / "best.safetensors",
-        last_checkpoint=out / "last.safetensors", metrics_csv=out / "metrics.csv",
-        curve_png=out / "learning_curve.png", wall_seconds=time.perf_counter() - start_wall,
-        cpu_seconds=time.process_time() - start_cpu)
+        out=out,
+        epochs_done=epoch,
+        best_epoch=int(best.get("epoch", 0)),
+        best_metric=best,
+        history=history,
+        best_checkpoint=out / "best.safetensors",
+        last_checkpoint=out / "last.safetensors",
+        metrics_csv=out / "metrics.csv",
+        curve_png=out / "learning_curve.png",
+        wall_seconds=time.perf_counter() - start_wall,
+        cpu_seconds=time.process_time() - start_cpu,
+    )

@@ -16,11 +16,20 @@ from ...io.atomic import atomic_path, atomic_write_text
 from .options import TrainOptions
 from .state import STATE_JSON
 
-__all__ = ["export_model", "finite_metrics", "log", "plot_learning_curve", "warn",
-           "write_metrics"]
+__all__ = ["export_model", "finite_metrics", "log", "plot_learning_curve", "warn", "write_metrics"]
 
-_BASE_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy",
-                 "train_auroc", "lr", "seconds", "cpu_seconds", "steps"]
+_BASE_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auroc",
+    "val_accuracy",
+    "train_auroc",
+    "lr",
+    "seconds",
+    "cpu_seconds",
+    "steps",
+]
 
 
 def log(options: TrainOptions, text: str) -> None:
@@ -36,8 +45,9 @@ def warn(text: str) -> None:
 
 def finite_metrics(metric: dict[str, Any]) -> dict[str, Any]:
     """``metric`` with non-finite floats (no validation: NaN) as ``None``."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metric.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metric.items()
+    }
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
@@ -66,8 +76,7 @@ def write_metrics(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def plot_learning_curve(history: Sequence[dict], path: str | os.PathLike,
-                        title: str = "") -> Path:
+def plot_learning_curve(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Draw losses (left) and validation AUROC / accuracy (right) per epoch into a PNG.
 
     Pure PIL (no plotting library needed); non-finite values are left out.
@@ -108,8 +117,10 @@ def plot_learning_curve(history: Sequence[dict], path: str | os.PathLike,
             e_lo, e_hi = e_lo - 1, e_hi + 1
 
         def px(e, v):
-            return (x0 + (e - e_lo) / (e_hi - e_lo) * (x1 - x0),
-                    y1 - (v - lo) / (hi - lo) * (y1 - y0))
+            return (
+                x0 + (e - e_lo) / (e_hi - e_lo) * (x1 - x0),
+                y1 - (v - lo) / (hi - lo) * (y1 - y0),
+            )
 
         for i in range(5):  # y ticks
             v = lo + (hi - lo) * i / 4
@@ -127,8 +138,11 @@ def plot_learning_curve(history: Sequence[dict], path: str | os.PathLike,
         draw.rectangle([x0, y0, x1, y1], outline="black")
         legend_y = y0 + 6
         for name, values, colour in series:
-            pts = [px(e, v) for e, v in zip(epochs, values)
-                   if isinstance(v, (int, float)) and math.isfinite(v)]
+            pts = [
+                px(e, v)
+                for e, v in zip(epochs, values)
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            ]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
             for x, y in pts:
@@ -143,24 +157,41 @@ def plot_learning_curve(history: Sequence[dict], path: str | os.PathLike,
     losses = finite(train_loss + val_loss)
     lo, hi = (min(losses), max(losses)) if losses else (0.0, 1.0)
     pad = 0.05 * (hi - lo or 1.0)
-    panel(70, 40, 450, 340, [("train loss", train_loss, (31, 119, 180)),
-                             ("val loss", val_loss, (255, 127, 14))],
-          (max(lo - pad, 0.0), hi + pad), "loss")
-    panel(560, 40, 940, 340,
-          [("val AUROC", [r.get("val_auroc", float("nan")) for r in history], (44, 160, 44)),
-           ("val accuracy", [r.get("val_accuracy", float("nan")) for r in history],
-            (214, 39, 40)),
-           ("train AUROC", [r.get("train_auroc", float("nan")) for r in history],
-            (148, 103, 189))],
-          (0.0, 1.0), "AUROC / accuracy")
+    panel(
+        70,
+        40,
+        450,
+        340,
+        [("train loss", train_loss, (31, 119, 180)), ("val loss", val_loss, (255, 127, 14))],
+        (max(lo - pad, 0.0), hi + pad),
+        "loss",
+    )
+    panel(
+        560,
+        40,
+        940,
+        340,
+        [
+            ("val AUROC", [r.get("val_auroc", float("nan")) for r in history], (44, 160, 44)),
+            ("val accuracy", [r.get("val_accuracy", float("nan")) for r in history], (214, 39, 40)),
+            ("train AUROC", [r.get("train_auroc", float("nan")) for r in history], (148, 103, 189)),
+        ],
+        (0.0, 1.0),
+        "AUROC / accuracy",
+    )
     out = Path(path)
     with atomic_path(out) as tmp:
         img.save(tmp, format="PNG")
     return out
 
 
-def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, notes: str = "",
-                 extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def export_model(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    notes: str = "",
+    extra: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
     """Copy a model checkpoint to ``dst``, re-recording its provenance.
 
     E.g. to ship a trained run as the demo model. When ``src`` lies in a training run
@@ -193,8 +224,14 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, notes: str =
     ck = read_checkpoint(src)
     model = load_checkpoint(src)
     provenance = dict(ck.meta.get("provenance", {}))
-    for key in ("package", "package_version", "created", "torch_version", "python_version",
-                "notes"):
+    for key in (
+        "package",
+        "package_version",
+        "created",
+        "torch_version",
+        "python_version",
+        "notes",
+    ):
         provenance.pop(key, None)
     state = ck.weights_path.parent / STATE_JSON
     if state.is_file():
@@ -205,11 +242,13 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, notes: str =
             "best": meta.get("best"),
             "wall_seconds": round(sum(r.get("seconds", 0.0) for r in history), 1),
             "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in history), 1),
-            "options": {k: v for k, v in meta.get("options", {}).items()
-                        if k not in ("progress", "out", "resume")},
+            "options": {
+                k: v
+                for k, v in meta.get("options", {}).items()
+                if k not in ("progress", "out", "resume")
+            },
             "train_slides": len(meta.get("split", {}).get("train", [])),
             "val_slides": len(meta.get("split", {}).get("val", [])),
         }
     provenance.update(extra or {})
-    return save_checkpoint(model, dst, notes=notes, extra=provenance,
-                           model_name=ck.model_name)
+    return save_checkpoint(model, dst, notes=notes, extra=provenance, model_name=ck.model_name)

@@ -28,8 +28,9 @@ class CosineSchedule:
         ``False`` keeps the learning rates constant (a family whose task does not anneal).
     """
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], total_steps: int,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, optimizers: Sequence[torch.optim.Optimizer], total_steps: int, enabled: bool = True
+    ) -> None:
         self.optimizers = list(optimizers)
         self.base_lrs = [[float(g["lr"]) for g in o.param_groups] for o in self.optimizers]
         self.total_steps = max(int(total_steps), 1)
@@ -84,8 +85,12 @@ class CosineSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (base rates, ``T``, steps taken, enabled)."""
-        return {"base_lrs": self.base_lrs, "total_steps": self.total_steps,
-                "step_count": self.step_count, "enabled": self.enabled}
+        return {
+            "base_lrs": self.base_lrs,
+            "total_steps": self.total_steps,
+            "step_count": self.step_count,
+            "enabled": self.enabled,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (``total_steps`` is kept as is).

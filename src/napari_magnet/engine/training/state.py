@@ -38,8 +38,9 @@ STATE_JSON = "train_state.json"
 STATE_DIR = "train_state"
 
 
-def _optimizer_tensors(name: str, opt: torch.optim.Optimizer,
-                       tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _optimizer_tensors(
+    name: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     """Move ``opt``'s tensor state into ``tensors``; the rest, JSON-ready, is returned."""
     sd = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -58,8 +59,7 @@ def _optimizer_from(name: str, meta: dict[str, Any], tensors: dict[str, torch.Te
     """The optimizer ``state_dict`` that :func:`_optimizer_tensors` took apart."""
     state: dict[int, dict[str, Any]] = {}
     for pid, keys in meta["tensor_keys"].items():
-        state.setdefault(int(pid), {}).update(
-            {k: tensors[f"optim.{name}.{pid}.{k}"] for k in keys})
+        state.setdefault(int(pid), {}).update({k: tensors[f"optim.{name}.{pid}.{k}"] for k in keys})
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     groups = []
@@ -71,9 +71,18 @@ def _optimizer_from(name: str, meta: dict[str, Any], tensors: dict[str, torch.Te
     return {"state": state, "param_groups": groups}
 
 
-def save_state(out: Path, model, task, schedule: CosineSchedule, scaler, epoch: int,
-               best: dict[str, Any], history: list[dict], options: TrainOptions,
-               split: dict[str, list[str]]) -> Path:
+def save_state(
+    out: Path,
+    model,
+    task,
+    schedule: CosineSchedule,
+    scaler,
+    epoch: int,
+    best: dict[str, Any],
+    history: list[dict],
+    options: TrainOptions,
+    split: dict[str, list[str]],
+) -> Path:
     """Save the training state after ``epoch`` (the commit point of the epoch).
 
     Parameters
@@ -110,10 +119,12 @@ def save_state(out: Path, model, task, schedule: CosineSchedule, scaler, epoch: 
 
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous()
-               for k, v in model.state_dict().items()}
-    optimizers = {name: _optimizer_tensors(name, opt, tensors)
-                  for name, opt in task.optimizers.items()}
+    tensors = {
+        f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+    }
+    optimizers = {
+        name: _optimizer_tensors(name, opt, tensors) for name, opt in task.optimizers.items()
+    }
     name = f"epoch-{epoch:04d}.safetensors"
     target = state_dir / name
     with atomic_path(target) as tmp:  # on disk (fsynced, renamed) before the JSON below
@@ -122,8 +133,12 @@ def save_state(out: Path, model, task, schedule: CosineSchedule, scaler, epoch: 
     meta = {
         "format": STATE_FORMAT,
         "epoch": int(epoch),
-        "model": {"architecture": model.architecture, "name": getattr(model, "model_name", ""),
-                  "config": config, "config_hash": config_hash_of(config)},
+        "model": {
+            "architecture": model.architecture,
+            "name": getattr(model, "model_name", ""),
+            "config": config,
+            "config_hash": config_hash_of(config),
+        },
         "best": best,
         "history": history,
         "schedule": schedule.state_dict(),
@@ -193,8 +208,10 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     p = Path(path)
     state_json = state_json_path(p)
     if state_json is None:
-        raise CheckpointError(f"{p}: no training state here (expected a run folder holding "
-                              f"{STATE_JSON}, or that file)")
+        raise CheckpointError(
+            f"{p}: no training state here (expected a run folder holding "
+            f"{STATE_JSON}, or that file)"
+        )
     try:
         meta = json.loads(state_json.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -209,8 +226,9 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80"):
         raise CheckpointError(f"{tensors_path}: a pickle; refused without opening it")
     if sha256_of(tensors_path) != meta["tensors_sha256"]:
-        raise CheckpointError(f"{tensors_path}: sha256 differs from {state_json.name} "
-                              f"(modified or from another run)")
+        raise CheckpointError(
+            f"{tensors_path}: sha256 differs from {state_json.name} (modified or from another run)"
+        )
     try:
         tensors = load_file(str(tensors_path))
     except Exception as exc:  # noqa: BLE001 - safetensors' own errors
@@ -218,9 +236,15 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     return meta, tensors
 
 
-def restore_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], task,
-                  schedule: CosineSchedule, scaler, total_steps: int, where: Any
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+def restore_state(
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    task,
+    schedule: CosineSchedule,
+    scaler,
+    total_steps: int,
+    where: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
     """Put a loaded state's optimizers, schedule, scaler and task state back.
 
     Parameters
@@ -256,8 +280,10 @@ def restore_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], task,
 
     for name, opt in task.optimizers.items():
         if name not in meta["optimizers"]:
-            raise CheckpointError(f"{where}: optimizer {name!r} missing from the "
-                                  f"state (trained with another learning mode?)")
+            raise CheckpointError(
+                f"{where}: optimizer {name!r} missing from the "
+                f"state (trained with another learning mode?)"
+            )
         opt.load_state_dict(_optimizer_from(name, meta["optimizers"][name], tensors))
     schedule.load_state_dict(meta["schedule"])
     schedule.set_total_steps(total_steps)

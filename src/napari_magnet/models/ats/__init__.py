@@ -43,6 +43,7 @@ a training step (:class:`ATSTask`) a batch of augmented slides.
 
 The model (:mod:`.model`) imports torch only; the readers and callers use the engine.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -89,15 +90,18 @@ def _steps(model: AttentionSampling) -> int:
     return 2 if model.config.two_level else 1
 
 
-FAMILY = register_family(Family(
-    architecture=AttentionSampling.architecture,
-    config_class=ATSConfig,
-    build=_from_dict,
-    configs={name: _named(name) for name in ATS_CONFIGS},
-    magnify=magnify_attention_sampling,
-    training_task=ATSTask,
-    adjustable_patches=True,
-    expected_steps=_steps,
-    order=20,
-    description="attention sampling: patches drawn where a low-resolution attention looks",
-), overwrite=True)
+FAMILY = register_family(
+    Family(
+        architecture=AttentionSampling.architecture,
+        config_class=ATSConfig,
+        build=_from_dict,
+        configs={name: _named(name) for name in ATS_CONFIGS},
+        magnify=magnify_attention_sampling,
+        training_task=ATSTask,
+        adjustable_patches=True,
+        expected_steps=_steps,
+        order=20,
+        description="attention sampling: patches drawn where a low-resolution attention looks",
+    ),
+    overwrite=True,
+)

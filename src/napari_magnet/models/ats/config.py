@@ -86,7 +86,8 @@ class ATSConfig:
             if self.patch_side > self.region_side:
                 raise ValueError(
                     f"a patch ({self.patch_side:g} level-0 px) must fit inside its region "
-                    f"({self.region_side:g} level-0 px): raise region_size or region_level_scale")
+                    f"({self.region_side:g} level-0 px): raise region_size or region_level_scale"
+                )
 
     @property
     def patch_side(self) -> float:
@@ -146,7 +147,10 @@ def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -
     ATSConfig
     """
     return ATSConfig(
-        name=name or f"ats-p{patch_size}-n{n_patches}", patch_size=patch_size, n_patches=n_patches, **kw
+        name=name or f"ats-p{patch_size}-n{n_patches}",
+        patch_size=patch_size,
+        n_patches=n_patches,
+        **kw,
     )
 
 
@@ -154,8 +158,15 @@ def ats_config(patch_size: int, n_patches: int, name: str | None = None, **kw) -
 #: ``"ats-2level"`` (5 regions of 1024 level-0 px, 4 patches of 50 px in each: 20 patches).
 ATS_CONFIGS: dict[str, Callable[[], ATSConfig]] = {
     "ats": lambda: ats_config(50, 20, name="ats"),
-    "ats-2level": lambda: ats_config(50, 4, name="ats-2level", two_level=True, n_regions=5,
-                                     region_size=64, region_level_scale=16.0),
+    "ats-2level": lambda: ats_config(
+        50,
+        4,
+        name="ats-2level",
+        two_level=True,
+        n_regions=5,
+        region_size=64,
+        region_level_scale=16.0,
+    ),
     "ats-p50-n1": lambda: ats_config(50, 1),
     "ats-p50-n5": lambda: ats_config(50, 5),
     "ats-p50-n20": lambda: ats_config(50, 20),

@@ -27,9 +27,14 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.float().cpu().numpy()
 
 
-def magnify_attention_sampling(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
-                               dev: torch.device, options: MagnifyOptions
-                               ) -> Generator[MagnifyStep, None, MagnifyResult]:
+def magnify_attention_sampling(
+    model,
+    reader: Any,
+    frames: np.ndarray,
+    visible: np.ndarray,
+    dev: torch.device,
+    options: MagnifyOptions,
+) -> Generator[MagnifyStep, None, MagnifyResult]:
     """The attention-sampling family's run through :func:`~napari_magnet.engine.magnify.magnify`.
 
     One forward of the model (:meth:`AttentionSampling.forward`, reading through
@@ -71,9 +76,16 @@ def magnify_attention_sampling(model, reader: Any, frames: np.ndarray, visible: 
     view = reader.read(frames, cfg.view_size, visible).to_tensor(dev)
     reads = SlideReads(cfg, [reader], frames, visible, dev, keep=True)
     generator = torch.Generator(device=dev).manual_seed(options.seed)
-    out = model(view, reads.read_patches, generator, n=n, replace=cfg.replace,
-                read_regions=reads.read_regions if cfg.two_level else None,
-                visible=reads.visible_mask, strict=True)
+    out = model(
+        view,
+        reads.read_patches,
+        generator,
+        n=n,
+        replace=cfg.replace,
+        read_regions=reads.read_regions if cfg.two_level else None,
+        visible=reads.visible_mask,
+        strict=True,
+    )
     keep = options.keep_patches
     # Layer 1: what the view's attention drew — the patches, or (two-level) the regions.
     first = out.indices.shape[1]
@@ -97,7 +109,7 @@ def magnify_attention_sampling(model, reader: Any, frames: np.ndarray, visible: 
         patches=first_batch.images if keep else None,
     )
     view_h, view_w = view.shape[-2:]
-    pixels = view_h * view_w + first * size ** 2
+    pixels = view_h * view_w + first * size**2
     if cfg.two_level:
         n1, region_frames, batch = first, first_frames, reads.batches["patches"][0]
         yield MagnifyStep(
@@ -113,7 +125,7 @@ def magnify_attention_sampling(model, reader: Any, frames: np.ndarray, visible: 
             aux_probability=None,
             patches=batch.images if keep else None,
         )
-        pixels += n1 * n * cfg.patch_size ** 2
+        pixels += n1 * n * cfg.patch_size**2
     probability = float(torch.softmax(out.logits.float(), dim=1)[0, -1])
     return MagnifyResult(
         probability=probability,

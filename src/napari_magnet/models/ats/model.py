@@ -13,8 +13,14 @@ from torch import Tensor, nn
 from .config import ATS_CONFIGS, ATSConfig
 from .estimators import draw_log_probs, expectation
 
-__all__ = ["ATSOutput", "AttentionNet", "AttentionSampling", "FeatureNet", "build_ats",
-           "gumbel_top_k"]
+__all__ = [
+    "ATSOutput",
+    "AttentionNet",
+    "AttentionSampling",
+    "FeatureNet",
+    "build_ats",
+    "gumbel_top_k",
+]
 
 
 class AttentionNet(nn.Module):
@@ -105,9 +111,7 @@ class ATSOutput:
     region_centres: Tensor | None = None
 
 
-def gumbel_top_k(
-    probabilities: Tensor, n: int, generator: torch.Generator | None = None
-) -> Tensor:
+def gumbel_top_k(probabilities: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """Sample ``n`` positions without replacement, **in sampling order**.
 
     Perturbing ``log a`` with i.i.d. Gumbel noise and taking the top ``n`` keys, largest first,
@@ -130,17 +134,22 @@ def gumbel_top_k(
         ``(B, n)`` int64 positions, first drawn first.
     """
     if n > probabilities.shape[1]:
-        raise ValueError(f"cannot draw {n} positions without replacement from {probabilities.shape[1]}")
+        raise ValueError(
+            f"cannot draw {n} positions without replacement from {probabilities.shape[1]}"
+        )
     dtype = probabilities.dtype if probabilities.dtype == torch.float64 else torch.float32
-    u = torch.rand(probabilities.shape, generator=generator, device=probabilities.device, dtype=dtype)
+    u = torch.rand(
+        probabilities.shape, generator=generator, device=probabilities.device, dtype=dtype
+    )
     tiny = torch.finfo(dtype).tiny
     u = u.clamp(min=tiny, max=1.0 - torch.finfo(dtype).eps)
     keys = probabilities.to(dtype).log() - torch.log(-torch.log(u))
     return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
 
 
-def _restricted(attention: Tensor, visible: Callable[[Tensor, int], Tensor] | None,
-                level: int) -> Tensor:
+def _restricted(
+    attention: Tensor, visible: Callable[[Tensor, int], Tensor] | None, level: int
+) -> Tensor:
     """``attention`` times ``visible(attention, level)``, each map renormalised.
 
     A map whose mask is zero everywhere (it shows nothing of the slide) is only renormalised.
@@ -149,12 +158,14 @@ def _restricted(attention: Tensor, visible: Callable[[Tensor, int], Tensor] | No
         return attention
     mask = visible(attention, level).to(device=attention.device, dtype=attention.dtype)
     if tuple(mask.shape) != tuple(attention.shape):
-        raise ValueError(f"visible returned a {tuple(mask.shape)} mask for attention "
-                         f"{tuple(attention.shape)}")
+        raise ValueError(
+            f"visible returned a {tuple(mask.shape)} mask for attention {tuple(attention.shape)}"
+        )
     shows = (mask.flatten(1) != 0).any(dim=1)
     if not bool(shows.all()):
-        mask = torch.where(shows.reshape((-1,) + (1,) * (mask.dim() - 1)), mask,
-                           torch.ones_like(mask))
+        mask = torch.where(
+            shows.reshape((-1,) + (1,) * (mask.dim() - 1)), mask, torch.ones_like(mask)
+        )
     masked = attention * mask
     return masked / masked.sum(dim=(-2, -1), keepdim=True)
 
@@ -413,8 +424,9 @@ class AttentionSampling(nn.Module):
         if not attention_grad:
             inner, outer = inner.detach(), outer.detach()
         region_features = expectation(feats, inner.to(feats.dtype), replace)
-        features = expectation(region_features.reshape(b, n1, -1), outer.to(feats.dtype),
-                               replace, baseline)
+        features = expectation(
+            region_features.reshape(b, n1, -1), outer.to(feats.dtype), replace, baseline
+        )
         return self.classifier(features), features
 
     def forward(
@@ -488,37 +500,75 @@ class AttentionSampling(nn.Module):
         if strict:
             _check_draws(att, first, replace, "regions" if two else "patches")
         indices, sampled = self.sample(att, first, replace, generator)
-        centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(view.device)
+        centres = self.positions_to_centres(indices, att.shape[-2:], view.shape[-2:]).to(
+            view.device
+        )
         p = cfg.patch_size
         if not two:
             patches = _checked(read_patches(centres), (b * n, 3, p, p), "read_patches", view)
-            logits, features = self.classify(patches, att, indices, replace=replace,
-                                             baseline=baseline, attention_grad=attention_grad)
+            logits, features = self.classify(
+                patches,
+                att,
+                indices,
+                replace=replace,
+                baseline=baseline,
+                attention_grad=attention_grad,
+            )
             return ATSOutput(
-                logits=logits, probabilities=torch.softmax(logits, dim=1), attention=att,
-                indices=indices, sampled_attention=sampled,
-                draw_log_probs=draw_log_probs(sampled, replace), centres=centres,
-                features=features, patches=patches)
+                logits=logits,
+                probabilities=torch.softmax(logits, dim=1),
+                attention=att,
+                indices=indices,
+                sampled_attention=sampled,
+                draw_log_probs=draw_log_probs(sampled, replace),
+                centres=centres,
+                features=features,
+                patches=patches,
+            )
         r = cfg.region_size
         regions = _checked(read_regions(centres), (b * first, 3, r, r), "read_regions", view)
         region_att = _restricted(self.region_attention(regions), visible, 2)
         if strict:
             _check_draws(region_att, n, replace, "patches per region")
         region_idx, region_sampled = self.sample(region_att, n, replace, generator)
-        region_centres = self.positions_to_centres(region_idx, region_att.shape[-2:]).to(view.device)
-        patches = _checked(read_patches(centres, region_centres), (b * first * n, 3, p, p),
-                           "read_patches", view)
+        region_centres = self.positions_to_centres(region_idx, region_att.shape[-2:]).to(
+            view.device
+        )
+        patches = _checked(
+            read_patches(centres, region_centres), (b * first * n, 3, p, p), "read_patches", view
+        )
         logits, features = self.classify_two_level(
-            patches, att, indices, region_att, region_idx, replace=replace, baseline=baseline,
-            attention_grad=attention_grad)
-        log_q = torch.cat([draw_log_probs(sampled, replace),
-                           draw_log_probs(region_sampled, replace).reshape(b, -1)], dim=1)
+            patches,
+            att,
+            indices,
+            region_att,
+            region_idx,
+            replace=replace,
+            baseline=baseline,
+            attention_grad=attention_grad,
+        )
+        log_q = torch.cat(
+            [
+                draw_log_probs(sampled, replace),
+                draw_log_probs(region_sampled, replace).reshape(b, -1),
+            ],
+            dim=1,
+        )
         return ATSOutput(
-            logits=logits, probabilities=torch.softmax(logits, dim=1), attention=att,
-            indices=indices, sampled_attention=sampled, draw_log_probs=log_q, centres=centres,
-            features=features, patches=patches, region_attention=region_att,
-            region_indices=region_idx, region_sampled_attention=region_sampled,
-            region_centres=region_centres)
+            logits=logits,
+            probabilities=torch.softmax(logits, dim=1),
+            attention=att,
+            indices=indices,
+            sampled_attention=sampled,
+            draw_log_probs=log_q,
+            centres=centres,
+            features=features,
+            patches=patches,
+            region_attention=region_att,
+            region_indices=region_idx,
+            region_sampled_attention=region_sampled,
+            region_centres=region_centres,
+        )
 
     def pixels_processed(self, view_shape: tuple[int, int] | None = None) -> int:
         """RGB values the networks see per slide.
@@ -539,8 +589,8 @@ class AttentionSampling(nn.Module):
         if view_shape is None:
             view_shape = self._last_view_shape or (cfg.view_size, cfg.view_size)
         h, w = int(view_shape[0]), int(view_shape[1])
-        regions = cfg.n_regions * cfg.region_size ** 2 * 3 if cfg.two_level else 0
-        return h * w * 3 + regions + cfg.total_patches * cfg.patch_size ** 2 * 3
+        regions = cfg.n_regions * cfg.region_size**2 * 3 if cfg.two_level else 0
+        return h * w * 3 + regions + cfg.total_patches * cfg.patch_size**2 * 3
 
 
 def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
@@ -560,7 +610,9 @@ def build_ats(name_or_config: str | ATSConfig = "ats") -> AttentionSampling:
         try:
             config = ATS_CONFIGS[name_or_config]()
         except KeyError:
-            raise KeyError(f"unknown ATS config {name_or_config!r}; known: {sorted(ATS_CONFIGS)}") from None
+            raise KeyError(
+                f"unknown ATS config {name_or_config!r}; known: {sorted(ATS_CONFIGS)}"
+            ) from None
     else:
         config = name_or_config
     return AttentionSampling(config)

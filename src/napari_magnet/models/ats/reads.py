@@ -57,17 +57,26 @@ class SlideReads:
         With ``keep``: ``"regions"`` / ``"patches"`` → per-slide list of the last reads.
     """
 
-    def __init__(self, config: Any, readers: Sequence[Any], frames: np.ndarray,
-                 visible: np.ndarray, device: torch.device, ops: Sequence[Any] | None = None,
-                 run: Callable[[Callable[[int], torch.Tensor]], torch.Tensor] | None = None,
-                 keep: bool = False) -> None:
+    def __init__(
+        self,
+        config: Any,
+        readers: Sequence[Any],
+        frames: np.ndarray,
+        visible: np.ndarray,
+        device: torch.device,
+        ops: Sequence[Any] | None = None,
+        run: Callable[[Callable[[int], torch.Tensor]], torch.Tensor] | None = None,
+        keep: bool = False,
+    ) -> None:
         self.config = config
         self.readers = list(readers)
         self.frames = np.asarray(frames, dtype=np.float64).reshape(-1, 4)
         self.visible = np.asarray(visible, dtype=np.float64).reshape(-1, 4)
         if not len(self.readers) == len(self.frames) == len(self.visible):
-            raise ValueError(f"{len(self.readers)} readers for {len(self.frames)} frames and "
-                             f"{len(self.visible)} visible boxes")
+            raise ValueError(
+                f"{len(self.readers)} readers for {len(self.frames)} frames and "
+                f"{len(self.visible)} visible boxes"
+            )
         self.device = torch.device(device)
         self.ops = list(ops) if ops else None
         self.run = run or (lambda per_slide: torch.cat([per_slide(b) for b in range(len(self))]))
@@ -82,8 +91,9 @@ class SlideReads:
     def _op(self, b: int):
         return self.ops[b] if self.ops else None
 
-    def child_frames(self, parents: list[np.ndarray], centres: torch.Tensor,
-                     side: float) -> list[np.ndarray]:
+    def child_frames(
+        self, parents: list[np.ndarray], centres: torch.Tensor, side: float
+    ) -> list[np.ndarray]:
         """Level-0 frames of ``side`` around ``centres``, for every slide.
 
         Parameters
@@ -125,7 +135,7 @@ class SlideReads:
 
         def one(b: int) -> torch.Tensor:
             op = self._op(b)
-            visible = np.repeat(self.visible[b:b + 1], len(frames[b]), axis=0)
+            visible = np.repeat(self.visible[b : b + 1], len(frames[b]), axis=0)
             batch = self.readers[b].read(frames[b], size, visible, device=self.device)
             if self.keep:
                 kept[b] = batch
@@ -137,7 +147,7 @@ class SlideReads:
         return pixels.to(self.device, non_blocking=True).float().div_(255.0)
 
     def _slides(self) -> list[np.ndarray]:
-        return [self.frames[b:b + 1] for b in range(len(self))]
+        return [self.frames[b : b + 1] for b in range(len(self))]
 
     def read_regions(self, centres: torch.Tensor) -> torch.Tensor:
         """The forward's ``read_regions``: regions around the view's draws.
@@ -156,8 +166,9 @@ class SlideReads:
         self.region_frames = self.child_frames(self._slides(), centres[:, None], cfg.region_side)
         return self.read(self.region_frames, cfg.region_size, "regions")
 
-    def read_patches(self, centres: torch.Tensor,
-                     patch_centres: torch.Tensor | None = None) -> torch.Tensor:
+    def read_patches(
+        self, centres: torch.Tensor, patch_centres: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The forward's ``read_patches``: patches around the draws.
 
         Parameters

@@ -37,8 +37,9 @@ class ATSTask:
 
     def __init__(self, model, options: Any, device: torch.device) -> None:
         if options.ats_learning not in ("expectation", "reinforce"):
-            raise ValueError(f"ats_learning must be 'expectation' or 'reinforce', got "
-                             f"{options.ats_learning!r}")
+            raise ValueError(
+                f"ats_learning must be 'expectation' or 'reinforce', got {options.ats_learning!r}"
+            )
         self.model = model
         self.device = device
         self.cfg = model.config
@@ -71,8 +72,15 @@ class ATSTask:
         SlideReads
             Reading in parallel through :meth:`SlideBatch.read`.
         """
-        return SlideReads(self.cfg, [entry[1] for entry in batch.entries], batch.frames,
-                          batch.visible, self.device, ops=batch.ops, run=batch.read)
+        return SlideReads(
+            self.cfg,
+            [entry[1] for entry in batch.entries],
+            batch.frames,
+            batch.visible,
+            self.device,
+            ops=batch.ops,
+            run=batch.read,
+        )
 
     def loss(self, images, labels, batch: SlideBatch, generator, amp: bool):
         """One step's loss: cross-entropy, plus REINFORCE's attention loss when training.
@@ -105,30 +113,44 @@ class ATSTask:
             view = torch.stack([op.apply(x) for op, x in zip(batch.ops, view)])
         target = labels.to(self.device).long()
         reads = self.reads(batch)
-        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
-                            enabled=amp):
-            out = model(view, reads.read_patches, generator, replace=cfg.replace,
-                        attention_grad=self.mode == "expectation",
-                        read_regions=reads.read_regions if cfg.two_level else None,
-                        visible=reads.visible_mask)
+        with torch.autocast(
+            device_type=self.device.type, dtype=amp_dtype(self.device), enabled=amp
+        ):
+            out = model(
+                view,
+                reads.read_patches,
+                generator,
+                replace=cfg.replace,
+                attention_grad=self.mode == "expectation",
+                read_regions=reads.read_regions if cfg.two_level else None,
+                visible=reads.visible_mask,
+            )
             maps = out.attention.float()
             if cfg.two_level:
-                maps = torch.cat([maps.flatten(1), out.region_attention.float()
-                                  .reshape(len(batch), -1) / cfg.n_regions], dim=1)
+                maps = torch.cat(
+                    [
+                        maps.flatten(1),
+                        out.region_attention.float().reshape(len(batch), -1) / cfg.n_regions,
+                    ],
+                    dim=1,
+                )
         logits = out.logits
         ce = F.cross_entropy(logits.float(), target)
         att_loss = torch.zeros((), device=ce.device)
         if self.mode == "reinforce" and model.training:
             with torch.no_grad():
                 reward = -F.cross_entropy(logits.float(), target, reduction="none")
-            b = float(self.baseline) if self.baseline.value is not None \
-                else float(reward.mean())
-            att_loss = reinforce_attention_loss(out.draw_log_probs.float(), reward, b, maps,
-                                                self.entropy_weight)
+            b = float(self.baseline) if self.baseline.value is not None else float(reward.mean())
+            att_loss = reinforce_attention_loss(
+                out.draw_log_probs.float(), reward, b, maps, self.entropy_weight
+            )
             self.baseline.update(reward)
         prob = torch.softmax(logits.detach().float(), dim=1)[:, -1].cpu()
-        return ce + att_loss, {"classification": float(ce.detach()),
-                               "attention": float(att_loss.detach())}, prob
+        return (
+            ce + att_loss,
+            {"classification": float(ce.detach()), "attention": float(att_loss.detach())},
+            prob,
+        )
 
     def backward_step(self, loss, scaler, schedule) -> None:
         """Zero both optimizers, back-propagate ``loss`` through ``scaler``, step both."""

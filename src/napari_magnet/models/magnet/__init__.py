@@ -41,18 +41,19 @@ Conventions (shared with the engine)
   box is ``X0 + W·(T_x − S + 1)/2 … X0 + W·(T_x + S + 1)/2`` (same for y). It is computed from
   detached θ's: no gradient flows through region reading.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from ..augment import Dihedral, augment
 from ..family import Family, register_family
 from .config import MAGNET_CONFIGS, MagNetConfig
 from .magnify import magnify_magnet
 from .model import GroupedBranch, LayerOutput, MagNet, MagNetOutput, StackBank
 from .ops import compose_theta, grey_filter, identity_theta, normalized_grid
 from .training import MagNetTask
-from ..augment import Dihedral, augment
 
 __all__ = [
     "FAMILY",
@@ -90,15 +91,18 @@ def _layers(model: MagNet) -> int:
     return int(model.num_layers)
 
 
-FAMILY = register_family(Family(
-    architecture=MagNet.architecture,
-    config_class=MagNetConfig,
-    build=_from_dict,
-    configs={name: _named(cfg) for name, cfg in MAGNET_CONFIGS.items()},
-    magnify=magnify_magnet,
-    training_task=MagNetTask,
-    adjustable_patches=False,
-    expected_steps=_layers,
-    order=10,
-    description="magnifying networks: spatial transformers that zoom layer by layer",
-), overwrite=True)
+FAMILY = register_family(
+    Family(
+        architecture=MagNet.architecture,
+        config_class=MagNetConfig,
+        build=_from_dict,
+        configs={name: _named(cfg) for name, cfg in MAGNET_CONFIGS.items()},
+        magnify=magnify_magnet,
+        training_task=MagNetTask,
+        adjustable_patches=False,
+        expected_steps=_layers,
+        order=10,
+        description="magnifying networks: spatial transformers that zoom layer by layer",
+    ),
+    overwrite=True,
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -94,8 +94,14 @@ class MagNetConfig:
         # Canonicalise types so that the hash does not depend on list-vs-tuple or 15 vs 15.0.
         set_ = object.__setattr__
         set_(self, "name", str(self.name))
-        for f in ("patches_per_layer", "aux_layers", "frozen_layers", "branch_features",
-                  "head_dims", "small_widths"):
+        for f in (
+            "patches_per_layer",
+            "aux_layers",
+            "frozen_layers",
+            "branch_features",
+            "head_dims",
+            "small_widths",
+        ):
             set_(self, f, _int_tuple(getattr(self, f)))
         for f in ("input_size", "final_size", "hi_factor", "gru_hidden"):
             set_(self, f, int(getattr(self, f)))
@@ -110,8 +116,10 @@ class MagNetConfig:
         if L < 1 or any(p < 1 for p in self.patches_per_layer):
             raise ValueError(f"patches_per_layer must be >= 1 each, got {self.patches_per_layer}")
         if self.classifier_backbone not in ("inception_v3", "small"):
-            raise ValueError(f"classifier_backbone must be 'inception_v3' or 'small', "
-                             f"got {self.classifier_backbone!r}")
+            raise ValueError(
+                f"classifier_backbone must be 'inception_v3' or 'small', "
+                f"got {self.classifier_backbone!r}"
+            )
         if self.aux_backbone not in BACKBONES:
             raise ValueError(f"aux_backbone must be one of {BACKBONES}, got {self.aux_backbone!r}")
         if len(self.aux_layers) != 2 or any(not 1 <= a <= L for a in self.aux_layers):
@@ -119,15 +127,17 @@ class MagNetConfig:
         if any(not 1 <= f <= L for f in self.frozen_layers):
             raise ValueError(f"frozen_layers must lie in 1..{L}, got {self.frozen_layers}")
         if len(self.branch_features) != 3 or any(f < 5 or f % 5 for f in self.branch_features):
-            raise ValueError(f"branch_features must be three multiples of 5, "
-                             f"got {self.branch_features}")
+            raise ValueError(
+                f"branch_features must be three multiples of 5, got {self.branch_features}"
+            )
         if self.input_size < 4 or self.final_size < 4 or self.hi_factor < 1:
             raise ValueError("input_size, final_size must be >= 4 and hi_factor >= 1")
         if self.classifier_backbone == "inception_v3" and self.final_size < 75:
             raise ValueError("InceptionV3 needs final_size >= 75")
         if not 0.0 < self.min_scale <= _MIN_UPPER_SCALE:
-            raise ValueError(f"min_scale must lie in (0, {_MIN_UPPER_SCALE:.4f}], "
-                             f"got {self.min_scale}")
+            raise ValueError(
+                f"min_scale must lie in (0, {_MIN_UPPER_SCALE:.4f}], got {self.min_scale}"
+            )
         if not 0.0 <= self.grey_threshold <= 255.0:
             raise ValueError(f"grey_threshold is on the 0-255 scale, got {self.grey_threshold}")
 
@@ -168,8 +178,7 @@ class MagNetConfig:
 
     def canonical_json(self) -> str:
         """Sorted, compact JSON of :meth:`to_dict` (what :meth:`config_hash` hashes)."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=True)
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
     def config_hash(self) -> str:
         """sha256 hex digest of :meth:`canonical_json`."""
@@ -189,4 +198,3 @@ MAGNET_CONFIGS: dict[str, MagNetConfig] = {
         small_widths=(16, 32, 48, 64),
     ),
 }
-

@@ -19,9 +19,14 @@ def _to_uint8_images(patches: torch.Tensor) -> np.ndarray:
     return (patches.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def magnify_magnet(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
-                   dev: torch.device, options: MagnifyOptions
-                   ) -> Generator[MagnifyStep, None, MagnifyResult]:
+def magnify_magnet(
+    model,
+    reader: Any,
+    frames: np.ndarray,
+    visible: np.ndarray,
+    dev: torch.device,
+    options: MagnifyOptions,
+) -> Generator[MagnifyStep, None, MagnifyResult]:
     """The MagNet family's run through :func:`~napari_magnet.engine.magnify.magnify`.
 
     One step per magnifying layer: its regions (lineage ids ``1`` … ``1.3.2``), the pyramid
@@ -45,6 +50,7 @@ def magnify_magnet(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
         def run(lo, hi):
             out = model.magnify_layer(layer, lo, hi)
             return out.theta, out.maps, out.patches
+
         return run
 
     patches = None
@@ -53,8 +59,9 @@ def magnify_magnet(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
         theta = theta_t.float().cpu().numpy()
         n_inputs, per_input = theta.shape[:2]
         child, child_visible = child_frames(frames, visible, theta)
-        child_ids = [f"{pid}.{p + 1}" if pid else str(p + 1)
-                     for pid in ids for p in range(per_input)]
+        child_ids = [
+            f"{pid}.{p + 1}" if pid else str(p + 1) for pid in ids for p in range(per_input)
+        ]
         parent_ids = [pid for pid in ids for _ in range(per_input)]
         if layer < model.num_layers:
             hi_batch = reader.read(child, model.hi_size(layer + 1), child_visible)
@@ -67,8 +74,9 @@ def magnify_magnet(model, reader: Any, frames: np.ndarray, visible: np.ndarray,
         input_maps = maps[:, learned].mean(axis=1)
         aux = None
         if layer in aux_layers:
-            (aux_logit,) = stage(("aux", layer),
-                                 lambda p, layer=layer: (model.aux_logit(layer, p, 1),), patches)
+            (aux_logit,) = stage(
+                ("aux", layer), lambda p, layer=layer: (model.aux_logit(layer, p, 1),), patches
+            )
             aux = float(torch.sigmoid(aux_logit.float())[0])
         yield MagnifyStep(
             layer=layer,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,11 +13,10 @@ from entmax import entmax15
 
 from ..backbones import FeatureBackbone, build_backbone
 from ..sampler import affine_sample
-from .config import _MIN_UPPER_SCALE, MagNetConfig
+from .config import MagNetConfig
 from .ops import _st_clamp_min, compose_theta, grey_filter, identity_theta, normalized_grid
 
 __all__ = ["GroupedBranch", "LayerOutput", "MagNet", "MagNetOutput", "StackBank"]
-
 
 
 class _GConv(nn.Module):
@@ -25,8 +24,9 @@ class _GConv(nn.Module):
 
     def __init__(self, groups: int, cin: int, cout: int, k: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(groups * cin, groups * cout, k, padding=k // 2, groups=groups,
-                              bias=False)
+        self.conv = nn.Conv2d(
+            groups * cin, groups * cout, k, padding=k // 2, groups=groups, bias=False
+        )
         self.bn = nn.BatchNorm2d(groups * cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -60,8 +60,9 @@ class GroupedBranch(nn.Module):
         self.path2 = _GConv(groups, w, f, 3)
         self.path3 = nn.Sequential(_GConv(groups, w, w, 3), _GConv(groups, w, f, 3))
         self.path4 = _GConv(groups, cin, f, 1)
-        self.path5 = nn.Sequential(_GConv(groups, w, w, 3), _GConv(groups, w, w, 3),
-                                   _GConv(groups, w, f, 3))
+        self.path5 = nn.Sequential(
+            _GConv(groups, w, w, 3), _GConv(groups, w, w, 3), _GConv(groups, w, f, 3)
+        )
         self.out_channels = 5 * f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +210,9 @@ class MagNet(nn.Module):
 
     architecture = "magnet"
 
-    def __init__(self, config: MagNetConfig,
-                 *, backbone_weights: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: MagNetConfig, *, backbone_weights: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         cfg = config
         self.config = cfg
@@ -227,8 +229,9 @@ class MagNet(nn.Module):
             stacks.append(StackBank(g, cfg.branch_features) if g else nn.Identity())
         self.stacks = nn.ModuleList(stacks)
 
-        self.classifier = build_backbone(cfg.classifier_backbone, weights=bw.get("classifier"),
-                                         small_widths=cfg.small_widths)
+        self.classifier = build_backbone(
+            cfg.classifier_backbone, weights=bw.get("classifier"), small_widths=cfg.small_widths
+        )
         self.gru = nn.GRU(self.classifier.out_features, cfg.gru_hidden, batch_first=True)
         head: list[nn.Module] = []
         d = cfg.gru_hidden
@@ -237,11 +240,16 @@ class MagNet(nn.Module):
             d = h
         head.append(nn.Linear(d, 1))
         self.head = nn.Sequential(*head)
-        self.aux = nn.ModuleDict({
-            f"layer{a}": _AuxHead(build_backbone(cfg.aux_backbone, weights=bw.get("aux"),
-                                                 small_widths=cfg.small_widths))
-            for a in cfg.aux_layers
-        })
+        self.aux = nn.ModuleDict(
+            {
+                f"layer{a}": _AuxHead(
+                    build_backbone(
+                        cfg.aux_backbone, weights=bw.get("aux"), small_widths=cfg.small_widths
+                    )
+                )
+                for a in cfg.aux_layers
+            }
+        )
 
     # -- geometry
     def _check_layer(self, layer: int) -> None:
@@ -266,7 +274,7 @@ class MagNet(nn.Module):
         cfg = self.config
         n_in = sum(self.inputs_per_layer)
         n_final = self.inputs_per_layer[-1] * cfg.patches_per_layer[-1]
-        return (n_in * cfg.input_size ** 2 + n_final * cfg.final_size ** 2) * 3
+        return (n_in * cfg.input_size**2 + n_final * cfg.final_size**2) * 3
 
     # -- one layer
     def theta_from_maps(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,14 +315,16 @@ class MagNet(nn.Module):
             py = p.sum(dim=-1)  # (…, H)
             cx = (px * gx).sum(-1)
             cy = (py * gy).sum(-1)
-            s_raw = ((px * (gx - cx.unsqueeze(-1)).abs()).sum(-1)
-                     + (py * (gy - cy.unsqueeze(-1)).abs()).sum(-1))
+            s_raw = (px * (gx - cx.unsqueeze(-1)).abs()).sum(-1) + (
+                py * (gy - cy.unsqueeze(-1)).abs()
+            ).sum(-1)
             tx, ty = torch.tanh(cx), torch.tanh(cy)
             upper = 1.0 - torch.maximum(tx.abs(), ty.abs())
             s = torch.minimum(_st_clamp_min(s_raw, self.config.min_scale), upper)
             zero = torch.zeros_like(s)
-            theta = torch.stack([torch.stack([s, zero, tx], -1),
-                                 torch.stack([zero, s, ty], -1)], -2)
+            theta = torch.stack(
+                [torch.stack([s, zero, tx], -1), torch.stack([zero, s, ty], -1)], -2
+            )
         return p, theta
 
     def magnify_layer(self, layer: int, lo: torch.Tensor, hi: torch.Tensor) -> LayerOutput:
@@ -341,11 +351,13 @@ class MagNet(nn.Module):
         P = cfg.patches_per_layer[layer - 1]
         S, Hs, out = cfg.input_size, self.hi_size(layer), self.out_size(layer)
         if lo.dim() != 4 or lo.shape[1:] != (3, S, S) or lo.shape[0] % n_in:
-            raise ValueError(f"layer {layer}: lo must be (B*{n_in}, 3, {S}, {S}), "
-                             f"got {tuple(lo.shape)}")
+            raise ValueError(
+                f"layer {layer}: lo must be (B*{n_in}, 3, {S}, {S}), got {tuple(lo.shape)}"
+            )
         if hi.dim() != 4 or hi.shape[1:] != (3, Hs, Hs) or hi.shape[0] != lo.shape[0]:
-            raise ValueError(f"layer {layer}: hi must be ({lo.shape[0]}, 3, {Hs}, {Hs}), "
-                             f"got {tuple(hi.shape)}")
+            raise ValueError(
+                f"layer {layer}: hi must be ({lo.shape[0]}, 3, {Hs}, {Hs}), got {tuple(hi.shape)}"
+            )
         bn = lo.shape[0]
         b = bn // n_in
         lo = grey_filter(lo, cfg.grey_threshold)
@@ -372,9 +384,13 @@ class MagNet(nn.Module):
         work = torch.promote_types(hi.dtype, torch.float32)
         src = hi.to(work).unsqueeze(1).expand(bn, P, 3, Hs, Hs).reshape(bn * P, 3, Hs, Hs)
         with torch.autocast(device_type=hi.device.type, enabled=False):
-            patches = affine_sample(src, theta.reshape(bn * P, 2, 3).to(work), out,
-                                    align_corners=cfg.align_corners,
-                                    linearized=cfg.linearized_sampler)
+            patches = affine_sample(
+                src,
+                theta.reshape(bn * P, 2, 3).to(work),
+                out,
+                align_corners=cfg.align_corners,
+                linearized=cfg.linearized_sampler,
+            )
         return LayerOutput(theta=theta, maps=prob, patches=patches)
 
     # -- heads
@@ -387,8 +403,9 @@ class MagNet(nn.Module):
         """
         key = f"layer{which}"
         if key not in self.aux:
-            raise ValueError(f"no auxiliary head for layer {which}; "
-                             f"heads: {self.config.aux_layers}")
+            raise ValueError(
+                f"no auxiliary head for layer {which}; heads: {self.config.aux_layers}"
+            )
         if patches.shape[0] % batch:
             raise ValueError(f"{patches.shape[0]} patches do not split into {batch} slides")
         return self.aux[key](patches, batch)
@@ -411,8 +428,12 @@ class MagNet(nn.Module):
         return self.head(h_n[-1]).squeeze(-1)
 
     # -- whole model
-    def forward(self, lo1: torch.Tensor, hi1: torch.Tensor,
-                read_hi: Callable[[int, torch.Tensor], torch.Tensor]) -> MagNetOutput:
+    def forward(
+        self,
+        lo1: torch.Tensor,
+        hi1: torch.Tensor,
+        read_hi: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> MagNetOutput:
         """Full forward for ``B`` slides.
 
         Parameters
@@ -448,16 +469,18 @@ class MagNet(nn.Module):
                 hi = read_hi(nxt, chain)
                 want = (chain.shape[0], 3, hs, hs)
                 if tuple(hi.shape) != want:
-                    raise ValueError(f"read_hi({nxt}, …) returned {tuple(hi.shape)}, "
-                                     f"expected {want}")
+                    raise ValueError(
+                        f"read_hi({nxt}, …) returned {tuple(hi.shape)}, expected {want}"
+                    )
                 hi = hi.detach().to(device=out.patches.device, dtype=out.patches.dtype)
                 lo = out.patches
         logit = self.classify(layers[-1].patches, b)
         aux = {a: self.aux_logit(a, layers[a - 1].patches, b) for a in self.config.aux_layers}
         return MagNetOutput(logit=logit, aux_logits=aux, layers=layers, theta_chains=chains)
 
-    def loss(self, out: MagNetOutput,
-             labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, out: MagNetOutput, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """MagNet's loss ``L1 + L2 + L3`` for binary slide labels.
 
         * ``L1`` (paradoxical) = ``mean(max(P_a − P_b, 0))`` with ``P`` the probability the
@@ -495,4 +518,3 @@ class MagNet(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"config={self.config.name!r}, P={self.config.patches_per_layer}"
-

@@ -42,8 +42,9 @@ def grey_filter(images: torch.Tensor, threshold: float = 15.0) -> torch.Tensor:
     return images * keep.to(images.dtype)
 
 
-def normalized_grid(size: int, align_corners: bool, *, device=None,
-                    dtype=torch.float32) -> torch.Tensor:
+def normalized_grid(
+    size: int, align_corners: bool, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Normalized coordinates of the ``size`` pixel centres along an axis.
 
     ``align_corners=False``: ``(2i + 1)/size − 1``; ``True``: ``linspace(−1, 1, size)``.
@@ -82,8 +83,9 @@ def compose_theta(parent_chain: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     if parent_chain.dim() != 3 or parent_chain.shape[1:] != (2, 3):
         raise ValueError(f"parent_chain must be (N, 2, 3), got {tuple(parent_chain.shape)}")
     if theta.dim() != 4 or theta.shape[2:] != (2, 3) or theta.shape[0] != parent_chain.shape[0]:
-        raise ValueError(f"theta must be (N, P, 2, 3) with N={parent_chain.shape[0]}, "
-                         f"got {tuple(theta.shape)}")
+        raise ValueError(
+            f"theta must be (N, P, 2, 3) with N={parent_chain.shape[0]}, got {tuple(theta.shape)}"
+        )
     n, p = theta.shape[:2]
     dtype = torch.promote_types(parent_chain.dtype, theta.dtype)
     a_c = parent_chain[:, None, :, :2].to(dtype)  # (N, 1, 2, 2)

@@ -48,11 +48,14 @@ class MagNetTask:
             size = model.hi_size(layer)
 
             def one(b: int) -> torch.Tensor:
-                rows = chain[b * n:(b + 1) * n]
+                rows = chain[b * n : (b + 1) * n]
                 op = batch.ops[b] if batch.ops else None
                 orig = op.to_original(rows) if op is not None else rows
-                frames = chain_frames(batch.frames[b], orig[:, :, 2].numpy().astype(np.float64),
-                                      rows[:, 0, 0].abs().numpy().astype(np.float64))
+                frames = chain_frames(
+                    batch.frames[b],
+                    orig[:, :, 2].numpy().astype(np.float64),
+                    rows[:, 0, 0].abs().numpy().astype(np.float64),
+                )
                 visible = clip_boxes(frames, batch.visible[b])
                 t = batch.entries[b][1].read(frames, size, visible, device=self.device).pixels
                 return op.apply(t) if op is not None else t
@@ -70,8 +73,9 @@ class MagNetTask:
 
     def loss(self, images, labels, batch: SlideBatch, epoch_gen, amp: bool):
         lo, hi = self._inputs(images, batch)
-        with torch.autocast(device_type=self.device.type, dtype=amp_dtype(self.device),
-                            enabled=amp):
+        with torch.autocast(
+            device_type=self.device.type, dtype=amp_dtype(self.device), enabled=amp
+        ):
             out = self.model(lo, hi, self._read_hi(batch))
         loss, parts = self.model.loss(out, labels)
         return loss, {k: parts[k] for k in self.parts}, out.probability.detach().float().cpu()
