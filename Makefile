@@ -13,7 +13,7 @@ APT_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-x11
 	libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 \
 	libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
 
-.PHONY: setup system-deps demo test bench bench-setup clean demo-model bench-learn
+.PHONY: setup system-deps demo test lint format bench bench-setup clean demo-model bench-learn
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -43,6 +43,14 @@ demo: setup
 
 test: setup
 	$(XVFB) $(PY) -m pytest -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PIP) install -q -e '.[testing,bench]' $(TORCH)

@@ -135,3 +135,20 @@ def test_engine_viewer_and_cli_never_branch_on_a_family_name():
                 ):
                     offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {s!r}")
     assert not offences, offences
+
+
+def test_ruff_lint_and_format_are_clean():
+    import shutil
+    import subprocess
+    import sys
+
+    root = PACKAGE.parent.parent
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff is a test dependency: pip install -e '.[testing]'"
+    paths = [str(root / p) for p in ("src", "tests", "benchmarks")]
+    lint = subprocess.run([ruff, "check", *paths], cwd=root, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run(
+        [ruff, "format", "--check", *paths], cwd=root, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr

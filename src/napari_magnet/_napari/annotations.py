@@ -1,22 +1,14 @@
-"""Review: the per-slide Annotations layer, classes, review states, key bindings, autosave.
+"""Review: the per-slide Annotations layer, its autosave and restore (classes, review states
+and their keys: :mod:`.review`).
 
 The Annotations layer
 ---------------------
 Each slide gets one Shapes layer "<slide> · Annotations" (metadata kind ``"annotations"``) whose
 features table has ``class`` (``""`` = unclassified), ``review`` (``unreviewed`` / ``accepted``
 / ``rejected``) and ``name``. The ROI layers of a Magnify run have the same two columns, so
-classes and review states are set the same way on both, from the widget or with keys:
-
-==============  =====================================================================
-``Shift-A``     accept the selected shapes
-``Shift-R``     reject them
-``Shift-U``     back to unreviewed
-``Alt-1`` …     class 1 … 9 of the widget's class list (Tumor, Normal, Other by default)
-==============  =====================================================================
-
-(napari's Shapes layer already uses ``1``/``2``/``3`` — vertex remove / vertex insert /
-*delete selected shapes* — so plain digits would destroy work; ``Shift-A``/``R``/``U`` and
-``Alt-digit`` are unbound in napari's Shapes keymap.)
+classes and review states are set the same way on both, from the widget or with keys
+(``Shift-A``/``R``/``U`` to accept, reject or unreview, ``Alt-1`` … ``Alt-9`` for a class;
+see :mod:`.review`, whose names are importable from here too).
 
 Colours follow class and state: the class colour (QuPath's defaults for Tumor/Normal/Other,
 a stable hashed colour otherwise) with a light fill; accepted = bold edge, rejected = thin grey
@@ -45,20 +37,14 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
-from ..io.annotation import (
-    DEFAULT_CLASSES,
-    PROPERTIES_KEY,
-    REVIEW_STATES,
-    Annotation,
-    GeoJSONError,
-)
+from ..io.annotation import PROPERTIES_KEY, Annotation, GeoJSONError
 from ..io.autosave_paths import (
     DATA_DIR_ENV,
     SIDECAR_SUFFIX,
@@ -83,129 +69,22 @@ from .layers import (
     slide_metadata,
     slide_path_of,
 )
+from .review import (
+    CLASS_KEYS,
+    REVIEW_KEYS,
+    ClassProvider,
+    bind_review_keys,
+    default_classes,
+    set_class,
+    set_review,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import napari
 
 DEFAULT_DELAY_MS = 1000
-CLASS_KEYS = tuple(f"Alt-{i}" for i in range(1, 10))
-REVIEW_KEYS = {"Shift-A": "accepted", "Shift-R": "rejected", "Shift-U": "unreviewed"}
 #: Layer kinds whose shapes are autosaved (ROIs only once their run completed).
 SAVED_KINDS = ("annotations", "imported", "rois")
-
-ClassProvider = Callable[[], Sequence[str]]
-
-
-def default_classes() -> list[str]:
-    """QuPath's default class names (Tumor, Normal, Other)."""
-    return list(DEFAULT_CLASSES)
-
-
-# --------------------------------------------------------------------------------------------
-# classes and review states
-# --------------------------------------------------------------------------------------------
-
-
-def _selected(layer: Any, indices: Sequence[int] | None) -> list[int]:
-    if indices is None:
-        indices = sorted(getattr(layer, "selected_data", ()) or ())
-    n = layer.nshapes
-    return [int(i) for i in indices if 0 <= int(i) < n]
-
-
-def _set_column(layer: Any, column: str, value: str, indices: Sequence[int] | None) -> int:
-    idx = _selected(layer, indices)
-    if not idx:
-        return 0
-    feats = layer.features.copy()
-    if column not in feats:
-        feats[column] = "" if column == "class" else "unreviewed"
-    col = feats[column].astype(object).to_numpy().copy()
-    col[idx] = value
-    feats[column] = col
-    selected = set(layer.selected_data)
-    layer.features = feats  # emits events.features: the autosaver listens
-    restyle(layer)
-    layer.selected_data = selected
-    return len(idx)
-
-
-def set_review(layer: Any, state: str, indices: Sequence[int] | None = None) -> int:
-    """Set the review state of shapes.
-
-    Parameters
-    ----------
-    layer : napari.layers.Shapes
-        An annotations or ROI layer.
-    state : str
-        One of :data:`~napari_magnet.io.annotation.REVIEW_STATES`.
-    indices : sequence of int, optional
-        The shapes (default: the selected ones).
-
-    Returns
-    -------
-    int
-        How many shapes changed.
-    """
-    if state not in REVIEW_STATES:
-        raise ValueError(f"review state {state!r} not in {REVIEW_STATES}")
-    return _set_column(layer, "review", state, indices)
-
-
-def set_class(layer: Any, name: str | None, indices: Sequence[int] | None = None) -> int:
-    """Set the class of shapes.
-
-    Parameters
-    ----------
-    layer : napari.layers.Shapes
-        An annotations or ROI layer.
-    name : str or None
-        The class; ``None`` or ``""`` unclassifies.
-    indices : sequence of int, optional
-        The shapes (default: the selected ones).
-
-    Returns
-    -------
-    int
-        How many shapes changed.
-    """
-    return _set_column(layer, "class", str(name or ""), indices)
-
-
-def bind_review_keys(layer: Any, classes: ClassProvider = default_classes) -> None:
-    """Bind ``Shift-A``/``Shift-R``/``Shift-U`` and ``Alt-1`` … ``Alt-9`` on a layer.
-
-    Parameters
-    ----------
-    layer : napari.layers.Shapes
-        The layer.
-    classes : callable
-        Returns the class names ``Alt-1`` … ``Alt-9`` stand for, when pressed.
-    """
-    for key, state in REVIEW_KEYS.items():
-        layer.bind_key(key, _review_action(state), overwrite=True)
-    for i, key in enumerate(CLASS_KEYS):
-        layer.bind_key(key, _class_action(i, classes), overwrite=True)
-
-
-def _review_action(state: str):
-    def action(layer):
-        set_review(layer, state)
-
-    action.__name__ = f"review_{state}"
-    action.__doc__ = f"Mark the selected shapes {state}"
-    return action
-
-
-def _class_action(index: int, classes: ClassProvider):
-    def action(layer):
-        names = list(classes())
-        if index < len(names):
-            set_class(layer, names[index])
-
-    action.__name__ = f"class_{index + 1}"
-    action.__doc__ = f"Give the selected shapes class {index + 1} of the widget's list"
-    return action
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 What is accepted, what is skipped (points, lines) and what is an error is described in
 :mod:`.geojson`. Reading never partially applies: it returns the complete list or raises
 :class:`~.annotation.GeoJSONError`.
+
+This module reads files, features and their properties; a feature's geometry is parsed and
+checked by :class:`~.geojson_geometry.GeometryReader` (whose :data:`COORD_LIMIT` is
+importable from here too).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -15,16 +18,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .annotation import (
     PROPERTIES_KEY,
     REVIEW_STATES,
     Annotation,
     GeoJSONError,
     GeoJSONSkipWarning,
-    has_three_distinct_points,
 )
+from .geojson_geometry import COORD_LIMIT, GEOMETRY_TYPES, GeometryReader
 
 __all__ = [
     "COORD_LIMIT",
@@ -37,20 +38,12 @@ __all__ = [
     "read_geojson",
 ]
 
-#: Largest |coordinate| accepted, in level-0 pixels (a 10-million-pixel-wide slide is far
-#: beyond any scanner; larger numbers are almost surely another unit or a corrupt file).
-COORD_LIMIT = 1e7
 #: Most features accepted in one file (skipped ones included).
 MAX_FEATURES = 200_000
 #: Most vertices accepted in one file, all rings together.
 MAX_VERTICES = 20_000_000
 #: Largest file read, in bytes.
 MAX_FILE_BYTES = 1 << 30
-#: Deepest GeometryCollection nesting followed.
-_MAX_NESTING = 8
-
-_SKIPPABLE = ("Point", "MultiPoint", "LineString", "MultiLineString")
-_GEOMETRY_TYPES = ("Polygon", "MultiPolygon", "GeometryCollection", *_SKIPPABLE)
 
 
 @dataclass
@@ -61,7 +54,7 @@ class GeoJSONReadResult:
     skipped: list[str]
 
 
-class _Reader:
+class _Reader(GeometryReader):
     def __init__(
         self,
         source: str,
@@ -70,23 +63,8 @@ class _Reader:
         max_features: int,
         max_vertices: int,
     ) -> None:
-        self.source = source
+        super().__init__(source, max_extent, extent_tolerance, max_vertices)
         self.max_features = max_features
-        self.vertex_budget = max_vertices
-        self.max_vertices = max_vertices
-        self.skipped: list[str] = []
-        if max_extent is not None:
-            w, h = (float(v) for v in max_extent)
-            if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
-                raise ValueError(f"max_extent must be two positive numbers, got {max_extent!r}")
-            tol = max(float(extent_tolerance) * max(w, h), 1.0)
-            self.bounds = (-tol, -tol, w + tol, h + tol)
-        else:
-            self.bounds = (-COORD_LIMIT, -COORD_LIMIT, COORD_LIMIT, COORD_LIMIT)
-        self.max_extent = max_extent
-
-    def fail(self, problem: str) -> GeoJSONError:
-        return GeoJSONError(f"{self.source}: {problem}")
 
     # -- top level ---------------------------------------------------------------------------
     def features(self, data: Any) -> list[tuple[Any, str]]:
@@ -103,7 +81,7 @@ class _Reader:
             elif kind == "Feature":
                 feats = [data]
                 where = "feature"
-            elif kind in _GEOMETRY_TYPES:
+            elif kind in GEOMETRY_TYPES:
                 feats = [{"type": "Feature", "geometry": data, "properties": {}}]
                 where = "geometry"
             elif kind is None:
@@ -180,113 +158,6 @@ class _Reader:
                 )
             )
         return out
-
-    def geometry(self, geom: Any, where: str, depth: int) -> list[tuple[np.ndarray, list]]:
-        if geom is None:
-            self.skipped.append(f"{where}: null geometry")
-            return []
-        if not isinstance(geom, dict):
-            raise self.fail(f"{where}: 'geometry' is not an object")
-        kind = geom.get("type")
-        if kind == "GeometryCollection":
-            if depth >= _MAX_NESTING:
-                raise self.fail(f"{where}: GeometryCollection nested too deeply")
-            members = geom.get("geometries")
-            if not isinstance(members, list):
-                raise self.fail(f"{where}: GeometryCollection has no 'geometries' list")
-            out = []
-            for i, member in enumerate(members):
-                out.extend(self.geometry(member, f"{where}.geometries[{i}]", depth + 1))
-            return out
-        if kind in _SKIPPABLE:
-            if "coordinates" not in geom:
-                raise self.fail(f"{where}: {kind} has no 'coordinates'")
-            self.skipped.append(f"{where}: {kind} geometry")
-            return []
-        if kind not in ("Polygon", "MultiPolygon"):
-            raise self.fail(f"{where}: unsupported geometry type {str(kind)[:60]!r}")
-        if "coordinates" not in geom:
-            raise self.fail(f"{where}: {kind} has no 'coordinates'")
-        coords = geom["coordinates"]
-        if kind == "Polygon":
-            return [self.polygon(coords, f"{where} Polygon")]
-        if not isinstance(coords, list) or not coords:
-            raise self.fail(f"{where}: MultiPolygon 'coordinates' is not a non-empty list")
-        return [self.polygon(c, f"{where} MultiPolygon[{i}]") for i, c in enumerate(coords)]
-
-    def polygon(self, coords: Any, where: str) -> tuple[np.ndarray, list[np.ndarray]]:
-        if not isinstance(coords, list) or not coords:
-            raise self.fail(f"{where}: 'coordinates' is not a non-empty list of rings")
-        rings = [self.ring(r, f"{where} ring {i}") for i, r in enumerate(coords)]
-        return rings[0], rings[1:]
-
-    def ring(self, raw: Any, where: str) -> np.ndarray:
-        if not isinstance(raw, list):
-            raise self.fail(f"{where}: a ring must be a list of [x, y] positions")
-        n = len(raw)
-        self.vertex_budget -= n
-        if self.vertex_budget < 0:
-            raise self.fail(f"too many vertices (more than {self.max_vertices})")
-        arr = self._fast_ring(raw)
-        if arr is None:
-            arr = self._slow_ring(raw, where)
-        if not np.all(np.isfinite(arr)):
-            k = int(np.argwhere(~np.isfinite(arr))[0, 0])
-            raise self.fail(f"{where}: position {k} has a non-finite coordinate (NaN/Infinity)")
-        bx0, by0, bx1, by1 = self.bounds
-        bad = (arr[:, 0] < bx0) | (arr[:, 0] > bx1) | (arr[:, 1] < by0) | (arr[:, 1] > by1)
-        if np.any(bad):
-            k = int(np.argmax(bad))
-            limit = (
-                f"the slide extent {tuple(self.max_extent)} (with tolerance)"
-                if self.max_extent is not None
-                else f"±{COORD_LIMIT:g} px"
-            )
-            raise self.fail(
-                f"{where}: position {k} ({arr[k, 0]:g}, {arr[k, 1]:g}) is beyond {limit}"
-            )
-        if n > 1 and np.array_equal(arr[0], arr[-1]):
-            arr = arr[:-1]
-        if not has_three_distinct_points(arr):
-            raise self.fail(f"{where}: a polygon ring needs at least 3 distinct points")
-        return arr
-
-    @staticmethod
-    def _fast_ring(raw: list) -> np.ndarray | None:
-        """Vectorised parse of a well-formed ring; ``None`` sends it to the checking path."""
-        if not raw:
-            return None
-        try:
-            arr = np.array(raw)
-        except (ValueError, TypeError, OverflowError):
-            return None
-        if arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "if":
-            return None
-        # numpy silently turns JSON true/false mixed with numbers into 1/0: refuse those
-        if not set(map(type, itertools.chain.from_iterable(raw))) <= {int, float}:
-            return None
-        return np.ascontiguousarray(arr[:, :2], dtype=np.float64)
-
-    def _slow_ring(self, raw: list, where: str) -> np.ndarray:
-        """Position-by-position parse that names the first bad position."""
-        n = len(raw)
-        arr = np.empty((n, 2), dtype=np.float64)
-        for k, pt in enumerate(raw):
-            if not isinstance(pt, (list, tuple)) or len(pt) < 2:
-                raise self.fail(f"{where}: position {k} is not an [x, y] list")
-            for d in (0, 1):
-                v = pt[d]
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise self.fail(
-                        f"{where}: position {k} has a non-numeric coordinate {str(v)[:40]!r}"
-                    )
-                if isinstance(v, int) and abs(v) > COORD_LIMIT:
-                    raise self.fail(
-                        f"{where}: position {k} coordinate {str(v)[:40]} is beyond "
-                        f"±{COORD_LIMIT:g} px"
-                    )
-                arr[k, d] = v
-        return arr
 
     # -- properties --------------------------------------------------------------------------
     def properties(self, props: dict, where: str) -> dict:

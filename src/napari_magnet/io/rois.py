@@ -10,16 +10,8 @@ between three places, always through a :class:`RoiTable`:
   :meth:`RoiTable.from_geojson_features` (Feature dicts);
 * a napari Shapes layer ↔ :meth:`RoiTable.to_layer_data` / :meth:`RoiTable.from_layer`.
 
-GeoJSON encoding of one ROI (see :mod:`.geojson` for the format): its outline (the box as a
-4-corner rectangle), ``name`` = the lineage id, ``color`` = :func:`~.colors.branch_color`,
-the class and review state, ``measurements`` named by :data:`MEASUREMENT_NAMES` (only known
-values: attention mass, scale, level, layer, aux probability, slide probability) and
-``properties.napari_magnet`` = ``{"slide", "region_id", "parent_id", "layer"}``, plus
-``"kind": "roi"`` and the slide's ``"mpp"`` when asked (that is how the viewer's files mark
-ROIs, so the autosave and our reader bring them back as ROIs, in µm).
-
-Shapes-layer encoding: rectangles in world ``(row, col)`` µm and a features table with the
-columns :data:`ROI_FEATURES`; unknown numbers are NaN, an unknown level is ``-1``.
+How an ROI is encoded in GeoJSON and in a Shapes layer, and the reading of both back into
+columns, live in :mod:`.roi_columns` (its public names are importable from here too).
 """
 
 from __future__ import annotations
@@ -41,15 +33,17 @@ from .annotation import (
     rectangle,
 )
 from .colors import branch_color, rgb_to_rgba
-from .coords import (
-    feature_column,
-    is_axis_aligned_rectangle,
-    level0_to_world,
-    mpp_or_unit,
-    shape_outlines,
-)
+from .coords import is_axis_aligned_rectangle, level0_to_world, mpp_or_unit
 from .geojson_read import parse_geojson
 from .geojson_write import annotation_to_feature
+from .roi_columns import (
+    MEASUREMENT_NAMES,
+    ROI_FEATURES,
+    UNKNOWN_LEVEL,
+    RoiLayerData,
+    roi_columns_from_annotations,
+    roi_columns_from_layer,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..engine.types import MagnifyStep
@@ -62,83 +56,13 @@ __all__ = [
     "RoiTable",
 ]
 
-#: GeoJSON measurement name of each ROI number (QuPath's measurement table).
-MEASUREMENT_NAMES: dict[str, str] = {
-    "attention_mass": "Attention mass",
-    "scale": "Scale",
-    "level": "Level",
-    "layer": "Layer",
-    "aux_probability": "Aux probability",
-    "probability": "Probability",
-}
-
-#: Columns of the features table of every ROI Shapes layer, in order.
-ROI_FEATURES: tuple[str, ...] = (
-    "id",
-    "parent",
-    "layer",
-    "scale",
-    "level",
-    "attention_mass",
-    "aux_probability",
-    "class",
-    "review",
-)
-
-#: Pyramid level of an ROI whose level is not known.
-UNKNOWN_LEVEL = -1
-
 _NAN = float("nan")
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
-
-
-def _int_or(value: Any, default: int) -> int:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return default
-    return int(f) if math.isfinite(f) else default
-
-
-def _float_or_nan(value: Any) -> float:
-    if value is None or isinstance(value, bool):
-        return _NAN
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return _NAN
 
 
 def _per_region(values: Any, n: int, dtype: type, missing: Any) -> np.ndarray:
     """A step's per-region array, or ``missing`` for every region when it has another length."""
     arr = np.asarray(values, dtype=dtype).reshape(-1)
     return arr if len(arr) == n else np.full(n, missing, dtype=dtype)
-
-
-@dataclass
-class RoiLayerData:
-    """What a Shapes layer of ROIs needs (world coordinates, napari's conventions).
-
-    Attributes
-    ----------
-    rects : list of np.ndarray
-        ``(4, 2)`` world ``(row, col)`` rectangle corners (or the outline of an ROI that is no
-        longer a rectangle), one per ROI.
-    features : dict of str to list
-        Columns :data:`ROI_FEATURES`.
-    edge_colors : np.ndarray
-        ``(N, 4)`` RGBA in [0, 1], the lineage colour (:func:`~.colors.branch_color`).
-    shape_types : list of str
-        ``"rectangle"`` for axis-aligned 4-corner outlines, else ``"polygon"``.
-    """
-
-    rects: list[np.ndarray]
-    features: dict[str, list]
-    edge_colors: np.ndarray
-    shape_types: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -332,47 +256,7 @@ class RoiTable:
         RoiTable
             ``slide_name`` is the slide every annotation records, if they agree.
         """
-        m = MEASUREMENT_NAMES
-        rows: dict[str, list] = {
-            k: []
-            for k in (
-                "ids",
-                "parent_ids",
-                "layers",
-                "levels",
-                "scales",
-                "attention_mass",
-                "aux_probability",
-                "probability",
-                "classes",
-                "reviews",
-            )
-        }
-        slides: set[Any] = set()
-        for a in annotations:
-            ours = a.properties.get(PROPERTIES_KEY, {}) if isinstance(a.properties, dict) else {}
-            ours = ours if isinstance(ours, dict) else {}
-            meas = a.measurements or {}
-            slides.add(ours.get("slide"))
-            rows["ids"].append(str(ours.get("region_id", a.name)))
-            rows["parent_ids"].append(str(ours.get("parent_id", "")))
-            layer = ours.get("layer", meas.get(m["layer"], 0))
-            rows["layers"].append(int(layer) if isinstance(layer, (int, float)) else 0)
-            rows["levels"].append(int(meas.get(m["level"], UNKNOWN_LEVEL)))
-            for column in ("scale", "attention_mass", "aux_probability", "probability"):
-                key = "scales" if column == "scale" else column
-                rows[key].append(float(meas.get(m[column], _NAN)))
-            rows["classes"].append(a.classification or "")
-            rows["reviews"].append(a.review if a.review in REVIEW_STATES else "unreviewed")
-        outlines = [np.asarray(a.polygon, dtype=float) for a in annotations]
-        slide = slides.pop() if len(slides) == 1 else None
-        return cls(
-            **rows,
-            boxes=[a.bbox for a in annotations],
-            outlines=outlines,
-            feature_ids=[a.id for a in annotations],
-            slide_name=slide if isinstance(slide, str) else None,
-        )
+        return cls(**roi_columns_from_annotations(annotations))
 
     @classmethod
     def from_geojson_features(
@@ -436,46 +320,16 @@ class RoiTable:
         RoiTable
             One row per area shape, its level-0 outline kept exactly.
         """
-        outlines, kept, _ = shape_outlines(data, shape_types, mpp, scale, translate)
-        n = len(data)
-        column = {k: feature_column(features, k, n, None) for k in (*ROI_FEATURES, "name")}
-        rows: dict[str, list] = {
-            k: []
-            for k in (
-                "ids",
-                "parent_ids",
-                "layers",
-                "levels",
-                "scales",
-                "attention_mass",
-                "aux_probability",
-                "classes",
-                "reviews",
-            )
-        }
-        for i in kept:
-            rid, name = column["id"][i], column["name"][i]
-            if _is_missing(rid):
-                rid = name if isinstance(name, str) else ""
-            parent = column["parent"][i]
-            klass = column["class"][i]
-            review = column["review"][i]
-            rows["ids"].append(str(rid))
-            rows["parent_ids"].append("" if _is_missing(parent) else str(parent))
-            rows["layers"].append(_int_or(column["layer"][i], 0))
-            rows["levels"].append(_int_or(column["level"][i], UNKNOWN_LEVEL))
-            rows["scales"].append(_float_or_nan(column["scale"][i]))
-            rows["attention_mass"].append(_float_or_nan(column["attention_mass"][i]))
-            rows["aux_probability"].append(_float_or_nan(column["aux_probability"][i]))
-            rows["classes"].append(klass if isinstance(klass, str) else "")
-            rows["reviews"].append(review if review in REVIEW_STATES else "unreviewed")
         return cls(
-            **rows,
-            boxes=[(o[:, 0].min(), o[:, 1].min(), o[:, 0].max(), o[:, 1].max()) for o in outlines],
-            probability=[_NAN] * len(kept),
-            outlines=outlines,
-            feature_ids=[None] * len(kept),
-            slide_name=slide_name or None,
+            **roi_columns_from_layer(
+                data,
+                features,
+                mpp,
+                shape_types=shape_types,
+                scale=scale,
+                translate=translate,
+                slide_name=slide_name,
+            )
         )
 
     # -- changes -----------------------------------------------------------------------------
