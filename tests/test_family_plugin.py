@@ -22,7 +22,7 @@ from torch import nn
 from napari_magnet.engine.batches import uint8_to_float
 from napari_magnet.engine.frames import clip_boxes
 from napari_magnet.engine.types import MagnifyResult, MagnifyStep
-from napari_magnet.models.family import Family, register_family, unregister_family
+from napari_magnet.models.family import Family, TrainOption, register_family, unregister_family
 
 ARCHITECTURE = "brightest-grid"
 
@@ -117,7 +117,10 @@ class GridTask:
     def __init__(self, model, options, device) -> None:
         self.model, self.device = model, device
         self.sizes = (model.config.view_size,)
-        self.optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=options.lr or 1e-2)}
+        scale = options.family_options.get("grid_lr_scale", 1.0)
+        self.optimizers = {
+            "adam": torch.optim.Adam(model.parameters(), lr=(options.lr or 1e-2) * scale)
+        }
 
     def default_batch_size(self) -> int:
         return 2
@@ -154,6 +157,7 @@ TOY = Family(
     training_task=GridTask,
     adjustable_patches=False,
     expected_steps=lambda model: 1,
+    train_options=(TrainOption("grid_lr_scale", 1.0, "multiplies the learning rate", float),),
     order=1000,
     description="the K brightest cells of a uniform grid (a test family)",
 )
@@ -225,12 +229,15 @@ def test_toy_family_trains_evaluates_and_runs_from_the_cli(
                 "cpu",
                 "--out",
                 str(run),
+                "--grid-lr-scale",
+                "2",
             ]
         )
         == 0
     )
     state = json.loads((run / "train_state.json").read_text())
     assert state["epoch"] == 1 and state["model"]["architecture"] == ARCHITECTURE
+    assert state["options"]["family_options"] == {"grid_lr_scale": 2.0}
     trained = load_model(str(run / "last.safetensors"), device="cpu")
     assert isinstance(trained, BrightestGrid)
     assert not math.isclose(float(trained.weight), 1.0)  # one epoch of Adam moved it

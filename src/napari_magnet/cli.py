@@ -1,4 +1,4 @@
-"""The ``napari-magnet`` command: demo, info, synth, models, magnify, train, evaluate.
+"""The ``napari-magnet`` command: demo, view, info, synth, models, magnify, train, evaluate.
 
 Heavy imports (torch, napari) happen inside the verbs that need them.
 """
@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from .cli_cohort import add_batch_parser, add_scheduler_options
 
 
 def _positive_int(text: str) -> int:
@@ -142,6 +144,17 @@ def _classes(text: str) -> tuple[str, ...]:
     return tuple(c.strip().lower() for c in text.split(",") if c.strip())
 
 
+def _family_train_options() -> list:
+    """Every registered family's training options, each name once (first family wins)."""
+    from .models.family import families
+
+    seen: dict[str, object] = {}
+    for family in families():
+        for option in family.train_options:
+            seen.setdefault(option.name, option)
+    return list(seen.values())
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.training import TrainOptions, train
 
@@ -156,8 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        ats_learning=args.ats_learning,
-        entropy_weight=args.entropy_weight,
+        family_options={
+            option.name: getattr(args, option.name)
+            for option in _family_train_options()
+            if getattr(args, option.name) is not None
+        },
         augment=not args.no_augment,
         exclude_classes=args.exclude_classes,
         workers=args.workers,
@@ -207,9 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    outcomes = evaluate_cohort(
-        records, model, device=args.device, rule=args.rule, seed=args.seed, progress=report
-    )
+    if args.scheduler or args.workers:
+        from .cli_cohort import evaluate_on_cluster
+
+        outcomes = evaluate_on_cluster(args, records, report)
+    else:
+        outcomes = evaluate_cohort(
+            records, model, device=args.device, rule=args.rule, seed=args.seed, progress=report
+        )
     if bar is not None:
         bar.close()
     rows = summarize(outcomes)
@@ -265,6 +286,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(headless=args.headless, out_dir=Path(args.out), model=args.model)
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """``napari-magnet view SLIDE...``: napari with the slides opened by our reader and the
+    Magnify widget docked, whatever reader napari's settings prefer."""
+    from ._napari.open_routes import check_slides
+
+    paths = check_slides(args.slides)  # before Qt starts: a bad path is a plain error
+    if sys.platform.startswith("linux") and not _has_display():
+        print("error: no display: `napari-magnet view` opens a window", file=sys.stderr)
+        return 2
+    import napari
+
+    from ._napari.view import view_slides
+
+    view_slides(paths)
+    napari.run()
+    return 0
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    """``napari-magnet patch SLIDES... --out DIR``: one bag file of nested tissue-patch grids
+    per slide (``<stem>.h5``); a slide whose file exists and validates is skipped, one that
+    fails is reported with its reason and the others go on (exit status 1 if any failed)."""
+    from .bags.patching import PatchOptions, patch_slides, summary
+    from .bags.tissue import TissueOptions
+
+    given = {"white": args.white, "black": args.black, "grey_tolerance": args.grey_tolerance}
+    given["min_fraction"] = args.tissue_threshold
+    tissue = TissueOptions(**{k: v for k, v in given.items() if v is not None})
+    options = PatchOptions(args.mpp, args.patch_size, tissue, args.slide_mpp)
+    if args.scheduler or args.workers:
+        from .cli_cohort import run_patch_cohort
+
+        return run_patch_cohort(args, options)
+
+    def report(outcome) -> None:
+        if outcome.status == "failed":
+            print(f"failed: {outcome.slide}: {outcome.reason}", file=sys.stderr)
+        elif not args.quiet:
+            counts = " / ".join(str(n) for n in outcome.patches)
+            print(f"{outcome.status}: {outcome.output}" + (f" ({counts})" if counts else ""))
+
+    outcomes = patch_slides(args.slides, args.out, options, args.overwrite, progress=report)
+    print(summary(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """``napari-magnet batch CSV --model M --out DIR``: headless magnify of every slide of a
+    cohort on dask.distributed (see :mod:`napari_magnet.cli_cohort`)."""
+    from .cli_cohort import run_batch
+
+    return run_batch(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-magnet", description="Magnifying networks for whole-slide images."
@@ -278,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--headless", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
+
+    view = verbs.add_parser(
+        "view", help="open slides in napari with napari-magnet's reader and the Magnify widget"
+    )
+    view.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files or DICOM folders")
+    view.set_defaults(func=cmd_view)
 
     info = verbs.add_parser("info", help="print a slide's geometry and metadata")
     info.add_argument("slide")
@@ -376,15 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of each lesion class held out for validation",
     )
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument(
-        "--ats-learning",
-        choices=("expectation", "reinforce"),
-        default="expectation",
-        help="how an ats model learns its attention",
-    )
-    tr.add_argument(
-        "--entropy-weight", type=float, default=0.01, help="REINFORCE entropy regularisation weight"
-    )
+    for option in _family_train_options():
+        tr.add_argument(
+            "--" + option.name.replace("_", "-"),
+            type=option.type,
+            choices=option.choices,
+            default=None,
+            help=f"{option.help} (default {option.default})",
+        )
     tr.add_argument(
         "--exclude-classes",
         type=_classes,
@@ -411,7 +491,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated lesion classes to leave out",
     )
     ev.add_argument("--quiet", action="store_true")
+    add_scheduler_options(ev)
     ev.set_defaults(func=cmd_evaluate)
+    pa = verbs.add_parser("patch", help="tissue patches at several µm per pixel: bag files")
+    pa.add_argument("slides", nargs="+", metavar="SLIDE")
+    pa.add_argument("--out", required=True, help="folder of <slide stem>.h5 bag files")
+    pa.add_argument(
+        "--mpp",
+        default="8,4,1",
+        help="target µm per pixel, coarsest first, each the previous one divided by an "
+        "integer (8,4,1 ≈ 1.25x, 2.5x, 10x)",
+    )
+    pa.add_argument("--patch-size", type=_positive_int, default=224, help="pixels a side")
+    pa.add_argument(
+        "--tissue-threshold", type=float, help="min tissue fraction of a coarsest patch (0.05)"
+    )
+    pa.add_argument("--white", type=int, help="tissue rule: glass if all channels ≥ this (215)")
+    pa.add_argument("--black", type=int, help="tissue rule: padding if all channels ≤ this (40)")
+    pa.add_argument("--grey-tolerance", type=int, help="tissue rule: flat grey below this (15)")
+    pa.add_argument("--slide-mpp", type=float, help="µm per pixel of slides that record none")
+    pa.add_argument("--overwrite", action="store_true", help="rewrite valid bag files too")
+    pa.add_argument("--quiet", action="store_true")
+    add_scheduler_options(pa)
+    pa.set_defaults(func=cmd_patch)
+    add_batch_parser(verbs, cmd_batch)
+    from .bags.cli_embed import add_embed_parser  # the embed verb (issue 13)
+
+    add_embed_parser(verbs)
     return parser
 
 

@@ -11,8 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from napari.utils.notifications import notification_manager
 
-from napari_magnet._napari.layers import layer_info, layer_kind
+from napari_magnet._napari.layers import add_roi_layer, layer_info, layer_kind
+from napari_magnet.io.annotation import Annotation, rectangle
+from napari_magnet.io.geojson_write import write_geojson
 from napari_magnet.io.ome import read_attention_ome_tiff
+from napari_magnet.io.results import export_run
+from napari_magnet.io.rois import RoiTable
+
+from ..io.samples import step
 
 
 def ours(viewer, kind):
@@ -132,6 +138,9 @@ def test_export_all_and_attention_ome_tiff_reopens_aligned(setup, qtbot, tmp_pat
     assert len(json.loads((out / "annotations.geojson").read_text())["features"]) == 3
     amap = read_attention_ome_tiff(out / "attention_L1_0.ome.tif")
     assert amap.mpp == pytest.approx(slide.metadata["mpp"])
+    # rois.geojson reopens as the run's ROI layer: same place, ids, review states and labels
+    (back_rois,) = viewer.open(str(out / "rois.geojson"), plugin="napari-magnet")
+    assert_same_roi_layer(rois, back_rois)
 
     # the attention layer through the plugin's OME-TIFF writer, then reopened
     (att,) = ours(viewer, "attention")
@@ -185,9 +194,11 @@ bad_documents = st.one_of(
     st.just(""),
     st.just("[1, 2,"),
     # JSON but not GeoJSON
-    st.one_of(st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=3)).map(
-        json.dumps
-    ),
+    # (not "[]": an empty list of Features is an empty collection, which opens as an empty
+    # layer)
+    st.one_of(
+        st.integers(), st.text(max_size=10), st.lists(st.integers(), min_size=1, max_size=3)
+    ).map(json.dumps),
     st.just(json.dumps({"type": "Mystery"})),
     st.just(json.dumps({"features": []})),
     # wrong geometry types only
@@ -318,3 +329,149 @@ def test_reader_declines_other_files_and_reads_qupath_exports(tmp_path, make_nap
     np.testing.assert_allclose(np.asarray(layer.data[0]).min(0), [0, 0])
     np.testing.assert_allclose(np.asarray(layer.data[0]).max(0), [50, 100])
     assert not math.isnan(np.asarray(layer.edge_width).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# exported files reopen: an empty annotations.geojson, rois.geojson with its labels
+# --------------------------------------------------------------------------------------------
+
+
+def text_values(layer):
+    return [str(v) for v in np.atleast_1d(layer.text.values)]
+
+
+def assert_same_roi_layer(live, back):
+    """A reopened ROI layer shows what the live one shows."""
+    assert layer_kind(back) == "rois"
+    assert layer_info(back)["layer"] == layer_info(live)["layer"]
+    assert back.nshapes == live.nshapes
+    for column in ("id", "parent", "layer", "level", "class", "review"):
+        assert list(back.features[column]) == list(live.features[column]), column
+    for a, b in zip(world_vertices(live), world_vertices(back)):
+        np.testing.assert_allclose(np.sort(b, axis=0), np.sort(a, axis=0), rtol=1e-6, atol=1e-3)
+    # the id labels: same strings, same text settings
+    assert text_values(back) == text_values(live)
+    assert text_values(back) == [str(v) for v in live.features["id"]]
+    assert back.text == live.text
+    assert back.face_color.tolist() == live.face_color.tolist()  # unfilled
+    np.testing.assert_allclose(back.edge_color, live.edge_color)  # lineage / class colours
+
+
+def test_empty_annotations_file_opens_as_an_empty_layer(setup, tmp_path):
+    import napari
+    from napari.layers import Shapes
+
+    viewer, widget, slide = setup
+    run = tmp_path / "run"
+    export_run(run, slide.metadata["path"], slide.metadata["mpp"], [], None, [])
+    n_layers = len(viewer.layers)
+    n0 = len(notification_manager.records)
+    (layer,) = viewer.open(str(run / "annotations.geojson"), plugin="napari-magnet")
+    assert len(viewer.layers) == n_layers + 1
+    assert isinstance(layer, Shapes) and layer.nshapes == 0 and layer.ndim == 2
+    assert layer_kind(layer) == "imported" and layer.name == "annotations"
+    assert not [r for r in notification_manager.records[n0:] if "error" in str(r.severity)]
+    # what is drawn in it is saved in level-0 pixels of the viewer's slide (the file had no
+    # mpp to record)
+    mx, my = slide.metadata["mpp"]
+    layer.add(np.array([[100 * my, 200 * mx], [600 * my, 900 * mx]]), shape_type="rectangle")
+    out = tmp_path / "drawn.geojson"
+    assert napari.save_layers(str(out), [layer], plugin="napari-magnet") == [str(out)]
+    (feat,) = json.loads(out.read_text())["features"]
+    ring = np.asarray(feat["geometry"]["coordinates"][0])
+    np.testing.assert_allclose([ring.min(0), ring.max(0)], [[200, 100], [900, 600]], atol=1e-6)
+    # an empty layer saved gives an empty collection, which opens again
+    layer.data = []
+    again = tmp_path / "again.geojson"
+    assert napari.save_layers(str(again), [layer], plugin="napari-magnet") == [str(again)]
+    assert json.loads(again.read_text()) == {"type": "FeatureCollection", "features": []}
+    (reopened,) = viewer.open(str(again), plugin="napari-magnet")
+    assert reopened.nshapes == 0
+
+
+@pytest.mark.parametrize("reviewed", [True, False])
+def test_reopened_rois_show_the_live_id_labels(setup, tmp_path, reviewed):
+    viewer, widget, slide = setup
+    mpp = slide.metadata["mpp"]
+    steps = [
+        step(1, [[0, 0, 1000, 800], [1200, 0, 2000, 900]], ["1", "2"]),
+        step(
+            2,
+            [[10, 10, 200, 200], [20, 20, 220, 220], [1300, 100, 1302, 102]],
+            ["1.1", "1.2", "2.1"],
+            parents=["1", "1", "2"],
+        ),
+    ]
+    review = {"1.2": ("Tumor", "accepted"), "2": ("", "rejected")} if reviewed else None
+    run = tmp_path / "run"
+    # reviewed: as the widget's Export all writes it (mpp recorded); else as the CLI does
+    export_run(run, slide.metadata["path"], mpp, steps, None, [], review_states=review)
+    table = RoiTable.from_steps(steps).with_review(review or {})
+    live = []
+    for k in (1, 2):
+        rows = [i for i, n in enumerate(table.layers) if n == k]
+        part = RoiTable(
+            ids=[table.ids[i] for i in rows],
+            parent_ids=[table.parent_ids[i] for i in rows],
+            layers=table.layers[rows],
+            boxes=table.boxes[rows],
+            levels=table.levels[rows],
+            scales=table.scales[rows],
+            attention_mass=table.attention_mass[rows],
+            aux_probability=table.aux_probability[rows],
+            probability=table.probability[rows],
+            classes=[table.classes[i] for i in rows],
+            reviews=[table.reviews[i] for i in rows],
+        )
+        data = part.to_layer_data(mpp if reviewed else None)
+        live.append(add_roi_layer(viewer, slide, data.rects, data.features, k, run="live"))
+    back = viewer.open(str(run / "rois.geojson"), plugin="napari-magnet")
+    assert [b.name for b in back] == ["rois · L1 ROIs", "rois · L2 ROIs"]  # deeper above
+    for a, b in zip(live, back):
+        if reviewed:
+            assert_same_roi_layer(a, b)
+        else:  # no mpp recorded: level-0 pixels, the labels all the same
+            assert layer_info(b)["units"] == "level-0 pixel"
+            assert text_values(b) == text_values(a) and b.text.string == a.text.string
+            assert list(b.features["id"]) == list(a.features["id"])
+    # reviewed again and saved, the lineage survives
+    if reviewed:
+        out = tmp_path / "again.geojson"
+        import napari
+
+        assert napari.save_layers(str(out), [back[1]], plugin="napari-magnet") == [str(out)]
+        props = [f["properties"] for f in json.loads(out.read_text())["features"]]
+        assert [p["napari_magnet"]["region_id"] for p in props] == ["1.1", "1.2", "2.1"]
+        assert [p["napari_magnet"]["parent_id"] for p in props] == ["1", "1", "2"]
+        assert props[1]["classification"]["name"] == "Tumor"
+
+
+def test_a_file_of_annotations_and_rois_opens_as_separate_layers(tmp_path, make_napari_viewer):
+    # e.g. an autosave opened with File > Open: annotations, then one layer per ROI layer
+    rois = RoiTable.from_steps(
+        [step(1, [[0, 0, 100, 100]], ["1"]), step(2, [[5, 5, 50, 50]], ["1.1"], ["1"])],
+        slide_name="s.svs",
+    ).to_annotations(mpp=(0.5, 0.5), mark_as_roi=True)
+    drawn = Annotation(
+        polygon=rectangle(10, 10, 60, 40),
+        classification="Tumor",
+        properties={"napari_magnet": {"kind": "annotation", "mpp": [0.5, 0.5]}},
+    )
+    path = write_geojson(tmp_path / "s.svs.annotations.geojson", [rois[1], drawn, rois[0]])
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-magnet")
+    assert [lyr.name for lyr in layers] == [
+        "s.svs.annotations",
+        "s.svs.annotations · L1 ROIs",
+        "s.svs.annotations · L2 ROIs",
+    ]
+    assert [layer_kind(lyr) for lyr in layers] == ["imported", "rois", "rois"]
+    assert list(layers[0].features["class"]) == ["Tumor"]
+    assert [text_values(lyr) for lyr in layers[1:]] == [["1"], ["1.1"]]
+    assert all(lyr.metadata["slide_name"] == "s.svs" for lyr in layers[1:])
+    # all in µm: the annotation's level-0 box (10, 10)–(60, 40) is at (5, 5)–(20, 30) µm
+    np.testing.assert_allclose(
+        [world_vertices(layers[0])[0].min(0), world_vertices(layers[0])[0].max(0)],
+        [[5, 5], [20, 30]],
+    )
+    np.testing.assert_allclose(world_vertices(layers[2])[0].max(0), [25, 25])

@@ -55,3 +55,17 @@ def test_coverage_map_deepest_layer_and_unexamined_tissue():
 def test_coverage_without_tissue_mask_covers_every_cell():
     cov = coverage_map([step(1, [[0, 0, 100, 100]], ["1"])], (100, 100), None, (4, 4))
     assert (cov == 1).all()
+
+
+def test_coverage_colours_and_legend_name_each_layer():
+    from napari_magnet.io.coverage import coverage_colors, coverage_legend
+
+    colors = coverage_colors(3)
+    assert set(colors) == {0, 1, 2, 3, UNEXAMINED} and colors[0][3] == 0
+    assert len({colors[k] for k in (1, 2, 3, UNEXAMINED)}) == 4
+    legend = coverage_legend(3)
+    assert legend.startswith("Coverage —")
+    for part in ("L1 blue", "L2 green", "L3 yellow", "red: tissue never examined"):
+        assert part in legend
+    assert "L4 yellow" in coverage_legend(4) and "L2 teal" in coverage_legend(4)
+    assert len(coverage_colors(7)) == 9  # beyond the palette: blends

@@ -150,6 +150,28 @@ def test_read_qupath_variants():
     assert len(parse_geojson("\ufeff" + json.dumps(feature))) == 1
 
 
+def test_an_exported_empty_collection_reads_back_empty(tmp_path):
+    # what Export all writes as annotations.geojson when there are no annotations
+    path = write_geojson(tmp_path / "annotations.geojson", [])
+    assert json.loads(path.read_text()) == {"type": "FeatureCollection", "features": []}
+    result = load_geojson(path)
+    assert result.annotations == [] and result.skipped == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no skip warning either
+        assert read_geojson(path) == []
+    assert parse_geojson("[]") == []  # an empty list of Features (QuPath's bare form)
+    # a collection of points only is still an error: there was something, and it is not areas
+    with pytest.raises(GeoJSONError, match="only other geometry types"):
+        parse_geojson(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}
+                ],
+            }
+        )
+
+
 def test_max_extent():
     feature = {
         "type": "Feature",

@@ -223,9 +223,9 @@ def test_table_to_layer_data_to_table():
     assert list(data.features) == list(ROI_FEATURES)
     assert data.features["class"][4] == "Other" and data.features["review"][4] == "accepted"
     back = RoiTable.from_layer(data.rects, data.features, MPP, shape_types=data.shape_types)
-    # the layer holds neither the slide probability nor feature ids
-    assert np.isnan(back.probability).all() and back.feature_ids == (None,) * len(table)
-    _assert_same_rows(dataclasses.replace(table, probability=back.probability), back)
+    # the layer holds the slide probability (hovering an ROI shows it), not the feature ids
+    assert (back.probability == 0.5).all() and back.feature_ids == (None,) * len(table)
+    _assert_same_rows(table, back)
     again = back.to_layer_data(MPP)
     assert json.dumps(again.features) == json.dumps(data.features)  # NaN == NaN here
     for a, b in zip(again.rects, data.rects):
@@ -285,3 +285,70 @@ def test_to_geojson_features_match_the_written_file(tmp_path):
     )
     path = write_geojson(tmp_path / "rois.geojson", table.to_annotations(mark_as_roi=True))
     assert json.loads(path.read_text())["features"] == table.to_geojson_features(mark_as_roi=True)
+
+
+# --------------------------------------------------------------------------------------------
+# labels and hover text
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_layer_labels_another_corner_smaller_with_depth():
+    from napari_magnet.io.roi_columns import LABEL_ANCHORS, label_anchor, label_size
+
+    assert [label_anchor(k) for k in (1, 2, 3, 4)] == list(LABEL_ANCHORS)
+    assert len(set(LABEL_ANCHORS)) == 4 and label_anchor(0) == label_anchor(1)
+    sizes = [label_size(k) for k in (1, 2, 3, 4, 9)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 7
+
+
+def test_label_layout_hides_tiny_rois_and_labels_that_would_overlap():
+    from napari_magnet.io.roi_columns import label_layout
+
+    boxes = np.array(
+        [
+            [0, 0, 100, 100],  # "1", layer 1, upper left
+            [0, 0, 100, 100],  # "1.1": the frozen patch, same box, lower right: no clash
+            [50, 50, 60, 60],  # "1.2": 10 × 10 world units
+            [52, 52, 62, 62],  # "1.2.1"
+            [52.5, 52.5, 62.5, 62.5],  # "1.2.3", a sibling half a unit further
+            [70, 10, 70.5, 10.5],  # a 0.5 × 0.5 child
+        ]
+    )
+    anchors = [
+        "upper_left",
+        "lower_right",
+        "upper_left",
+        "upper_right",
+        "upper_right",
+        "lower_left",
+    ]
+    texts = ["1", "1.1", "1.2", "1.2.1", "1.2.3", "1.2.2"]
+    sizes = [12, 10.5, 10.5, 9, 9, 9]
+    far = label_layout(boxes, anchors, sizes, texts, zoom=1.0)
+    # at zoom 1 a 10-unit ROI is 10 px on screen: only the big ones are labelled
+    assert far.tolist() == [True, True, False, False, False, False]
+    near = label_layout(boxes, anchors, sizes, texts, zoom=20.0)
+    # at zoom 20 the siblings are labelled but "1.2.3" would print over "1.2.1"
+    assert near.tolist() == [True, True, True, True, False, False]
+    closer = label_layout(boxes, anchors, sizes, texts, zoom=200.0)
+    assert closer.tolist() == [True, True, True, True, True, True]
+
+
+def test_roi_description_names_what_a_pathologist_asks_for():
+    from napari_magnet.io.roi_columns import roi_description
+
+    row = {
+        "id": "1.2.3",
+        "layer": 3,
+        "attention_mass": 0.1234,
+        "level": 0,
+        "probability": 0.513,
+        "aux_probability": float("nan"),
+        "class": "Tumor",
+        "review": "accepted",
+    }
+    assert roi_description(row) == (
+        "ROI 1.2.3 · layer 3 · attention mass 0.123 · pyramid level 0 · p = 0.51 · Tumor, accepted"
+    )
+    row.update(level=-1, attention_mass=float("nan"), aux_probability=0.7, review="unreviewed")
+    assert roi_description(row) == "ROI 1.2.3 · layer 3 · p = 0.51 · aux p = 0.70 · Tumor"

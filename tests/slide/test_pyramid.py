@@ -44,7 +44,13 @@ def random_windows(rng, slide, level, count=12):
 
 
 @pytest.mark.parametrize(
-    "name", ["boxes.tiff", "hamamatsu_fluorescence_DAPI.ndpi", "CMU-1-Small-Region.svs"]
+    "name",
+    [
+        "boxes.tiff",
+        "hamamatsu_fluorescence_DAPI.ndpi",
+        "CMU-1-Small-Region.svs",
+        "camelyon16_multiframe_jpeg.dcm",
+    ],
 )
 def test_every_level_matches_openslide_read_region(name):
     path = wsi(name)
@@ -82,15 +88,22 @@ def test_fast_path_equals_openslide_path_on_cmu(cmu_path):
         np.testing.assert_array_equal(fast.read_level(0, 5, 7, 1000, 900), whole[7:907, 5:1005])
 
 
-def test_chunks_follow_the_tile_grid(cmu_path, ndpi_path):
+def test_units_and_chunks_follow_the_tile_grid(cmu_path, ndpi_path):
     with open_slide(cmu_path) as slide:
         tile = slide.tile_sizes[0][0]
         assert tile == 240
-        assert slide.pyramid[0].chunksize[0] % tile == 0
+        reader = slide._readers[0]
+        assert (reader.unit_w, reader.unit_h) == (240, 240)  # a tile per cache unit
+        assert slide.pyramid[0].chunksize[0] % tile == 0 and slide.pyramid[0].chunksize[0] >= 1024
         assert isinstance(slide.pyramid[0], da.Array)
     with open_slide(ndpi_path) as slide:
-        # NDPI exposes strip-like tiles as wide as the level: those read in 512 px chunks.
-        assert slide.pyramid[0].chunksize[:2] == (512, 512)
+        # NDPI's tiles are restart intervals as wide as the level and 8 rows high: a unit
+        # stacks 16 of them, a dask chunk 8 units.
+        reader = slide._readers[0]
+        assert (reader.unit_w, reader.unit_h) == (3968, 128)
+        assert slide.pyramid[0].chunksize[:2] == (1024, 3968)
+        # OpenSlide's own levels (4-6): its tiles (248 x 4 at level 4) stacked to 128 rows.
+        assert (slide._readers[4].unit_w, slide._readers[4].unit_h) == (248, 128)
 
 
 def test_reads_outside_the_slide_are_background(cmu_path):
@@ -160,15 +173,16 @@ def test_broken_handle_is_reopened_not_retried(tmp_path, cmu_path):
     backend.close()
 
 
-def test_level_slices_carry_only_the_chunks_they_touch(ndpi_path):
-    with open_slide(ndpi_path) as slide:
+def test_level_slices_carry_only_the_chunks_they_touch(cmu_path):
+    with open_slide(cmu_path) as slide:
         level0 = slide.pyramid[0]
         whole = slide.read_level(0, 0, 0, *slide.dimensions)
-        assert level0.npartitions > 50
-        window = level0[700:1300, 1000:1100]
-        # 2 x 1 chunks touched: the graph holds those reads and the slicing, not the level.
-        assert len(dict(window.__dask_graph__())) <= 4 * (2 * 1)
-        np.testing.assert_array_equal(np.asarray(window), whole[700:1300, 1000:1100])
+        assert level0.npartitions == 2 * 3
+        window = level0[1300:1900, 1000:1100]
+        # 1 x 1 chunk touched: the graph holds that read, not the level's six.
+        assert len(dict(window.__dask_graph__())) == 1
+        np.testing.assert_array_equal(np.asarray(window), whole[1300:1900, 1000:1100])
+        np.testing.assert_array_equal(window.compute(), whole[1300:1900, 1000:1100])
         np.testing.assert_array_equal(np.asarray(level0[5:9, 7:8, 1]), whole[5:9, 7:8, 1])
         np.testing.assert_array_equal(np.asarray(level0[::97, ::101]), whole[::97, ::101])
         np.testing.assert_array_equal(np.asarray(level0[-20:, -30:]), whole[-20:, -30:])

@@ -12,7 +12,9 @@ see :mod:`.review`, whose names are importable from here too).
 
 Colours follow class and state: the class colour (QuPath's defaults for Tumor/Normal/Other,
 a stable hashed colour otherwise) with a light fill; accepted = bold edge, rejected = thin grey
-edge and no fill; ROIs keep their lineage colour until classified.
+edge and no fill; ROIs keep their lineage colour until classified. A shape being drawn
+already has the colours of the class it will get (:func:`.review.apply_drawing_colors`), not
+napari's opaque white fill.
 
 Autosave
 --------
@@ -73,8 +75,10 @@ from .review import (
     CLASS_KEYS,
     REVIEW_KEYS,
     ClassProvider,
+    apply_drawing_colors,
     bind_review_keys,
     default_classes,
+    drawing_colors_on_change,
     set_class,
     set_review,
 )
@@ -158,6 +162,13 @@ def add_annotations_layer(
     bind_review_keys(layer, classes)
     restyle(layer)
     layer.events.data.connect(_restyle_on_add(layer))
+    apply_drawing_colors(layer)
+    recolor = drawing_colors_on_change(layer)
+    layer.events.feature_defaults.connect(recolor)
+    layer.events.mode.connect(recolor)
+    from .roi_display import install_roi_display
+
+    install_roi_display(viewer)  # ROI labels and hover, also for ROI layers opened from files
     return layer
 
 
@@ -503,6 +514,7 @@ __all__ = [
     "REVIEW_KEYS",
     "SIDECAR_SUFFIX",
     "add_annotations_layer",
+    "apply_drawing_colors",
     "bind_review_keys",
     "collect_annotations",
     "data_dir",

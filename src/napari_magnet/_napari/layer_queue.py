@@ -58,6 +58,11 @@ class LayerQueue:
         self._pending.append((owner, action))
         self._schedule()
 
+    def push_next(self, action: Callable[[], Any], owner: Any = None) -> None:
+        """Queue ``action`` before every waiting operation (it runs in the next turn)."""
+        self._pending.appendleft((owner, action))
+        self._schedule()
+
     def _schedule(self) -> None:
         if not self._scheduled and self._pending:
             self._scheduled = True

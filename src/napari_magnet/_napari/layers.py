@@ -18,29 +18,39 @@ Design choices
 * **One Image layer per magnifying layer** ("<slide> · L2 attention"). Layer 1 (and
   attention sampling) has one map: it is shown as it is. Deeper layers have one map per input
   region and those maps overlap (a frozen patch's frame is its parent's): they are combined
-  (:func:`~napari_magnet.io.layerdata.composite_attention`: each map stretched to [0, 1]
-  between its own min and max, the maximum where maps overlap, on one grid over their union
-  at the finest map resolution, at most 2048 pixels a side). One layer per map would add 10
+  (:func:`~napari_magnet.io.layerdata.composite_attention`: each map's attention mass rank,
+  the maximum where maps overlap, on one grid over their union at the finest map
+  resolution, at most 2048 pixels a side). One layer per map would add 10
   layers to a 3-layer MagNet run (28 to a 4-layer one) — each napari layer costs ~0.1–0.5 s of
   GUI time to add and a full garbage collection to remove — and bury the layer list. The
   per-map rasters stay available in *Export all* (``attention_L{layer}_{i}.ome.tif``).
-* Maps are cropped to the slide (the black padding around a non-square slide is dropped) and
-  coloured with ``inferno`` plus an alpha ramp (transparent at the minimum, opaque at the
-  maximum), translucent blending, opacity 0.5. Additive blending — the usual choice for
+* Maps are cut exactly to the slide and show their **attention mass rank**
+  (:mod:`..io.attention_layers`: 1 = the most attended cell, 0.1 = the cells above hold 90 %
+  of the map's attention): a trained model's attention is so peaked that a linear stretch
+  shows one or two cells. Colours: viridis from teal to yellow (its dark purple end vanishes on
+  haematoxylin), transparent below 0.1 so the tissue the model ignored is left untouched,
+  then 60 → 100 % opaque; translucent blending. Additive blending — the usual choice for
   overlays on dark fluorescence images — washes a brightfield slide out to white (white glass
-  + any colour = white), so it is not used.
-* Layers are added in step order, attention below ROIs within a step, so deeper layers sit
-  above shallower ones; the coverage overlay sits just above its slide.
+  + any colour = white), so it is not used. The topmost visible attention layer shows
+  napari's colour bar (the scale is the same for all: :func:`~.roi_display.update_colorbars`).
+* ROI labels: each magnifying layer labels another corner of its boxes (layer 1 above the
+  upper left one, layer 2 below the lower right one, …), smaller with depth;
+  :func:`~.roi_display.layout_labels` hides (transparent text) the labels of ROIs too small
+  on screen and any label that would print over one shown before it, again at every zoom.
+  Hovering an ROI puts its id, layer, attention mass, pyramid level and probabilities in the
+  status bar's help field (:func:`~.roi_display.install_roi_display`). Edges are never wider
+  than a fraction of their box, so a region a few pixels wide stays a thin outline.
+* The coverage layer names its colours in the canvas's text overlay while it is shown.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..io.coverage import coverage_legend
 from ..io.layerdata import (
     UNEXAMINED,
     AttentionLayerData,
@@ -50,90 +60,55 @@ from ..io.layerdata import (
     review_style,
     shapes_box_level0,
 )
+from ..io.roi_columns import label_anchor, label_size
+from .layer_kinds import (  # noqa: F401  (re-exported: the layer helpers' old home)
+    KEY,
+    TEXT_COLOR,
+    base_name,
+    is_slide_layer,
+    layer_info,
+    layer_kind,
+    layers_of,
+    slide_layers,
+    slide_path_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import napari
 
-KEY = "napari_magnet"
-ATTENTION_OPACITY = 0.5
+ATTENTION_OPACITY = 0.9
 ATTENTION_BLENDING = "translucent"
-TEXT_COLOR = "black"
-_SUFFIX_RE = re.compile(r" \[\d+\]$")
+#: Attention mass rank under which an attention layer is transparent (the least attended
+#: cells that together hold 10 % of a map's attention).
+ATTENTION_CUT = 0.1
+#: Edges of an ROI are never wider than this fraction of its shorter side.
+MAX_EDGE_FRACTION = 0.15
 
 
 def attention_colormap() -> Any:
-    """``inferno`` with an alpha ramp: a map's lowest attention is fully transparent, its
-    highest opaque — so the slide shows through wherever the model did not look."""
+    """The colormap of attention layers (their values: attention mass rank in [0, 1]).
+
+    Returns
+    -------
+    napari.utils.Colormap
+        Transparent below :data:`ATTENTION_CUT`; above it viridis from teal (0.25) to yellow,
+        60 % opaque rising to fully opaque at the most attended cells.
+    """
     from napari.utils.colormaps import AVAILABLE_COLORMAPS, Colormap
 
-    colors = np.asarray(AVAILABLE_COLORMAPS["inferno"].map(np.linspace(0, 1, 64)), float)
-    colors[:, 3] = np.linspace(0.0, 1.0, len(colors)) ** 0.8
-    return Colormap(
-        colors=colors,
-        name="napari-magnet attention",
-        display_name="attention (inferno, alpha ramp)",
+    t = np.linspace(0.0, 1.0, 48)
+    colors = np.asarray(AVAILABLE_COLORMAPS["viridis"].map(0.25 + 0.75 * t), float)
+    colors[:, 3] = 0.6 + 0.4 * t
+    clear = np.array([[*colors[0, :3], 0.0]] * 2)
+    controls = np.concatenate(
+        [[0.0, ATTENTION_CUT - 1e-4], ATTENTION_CUT + (1 - ATTENTION_CUT) * t]
     )
-
-
-# --------------------------------------------------------------------------------------------
-# identifying layers
-# --------------------------------------------------------------------------------------------
-
-
-def is_slide_layer(layer: Any) -> bool:
-    """An Image layer made by our slide reader (its metadata holds the live ``Slide``)."""
-    from napari.layers import Image
-
-    return isinstance(layer, Image) and "slide" in getattr(layer, "metadata", {})
-
-
-def slide_layers(viewer: napari.Viewer) -> list:
-    """The viewer's slide layers, bottom to top."""
-    return [layer for layer in viewer.layers if is_slide_layer(layer)]
-
-
-def layer_kind(layer: Any) -> str | None:
-    """Our ``metadata["napari_magnet"]["kind"]``, or ``None`` for layers we did not make."""
-    info = getattr(layer, "metadata", {}).get(KEY)
-    return info.get("kind") if isinstance(info, dict) else None
-
-
-def layer_info(layer: Any) -> dict:
-    """Our metadata dict of a layer (empty for foreign layers)."""
-    info = getattr(layer, "metadata", {}).get(KEY)
-    return info if isinstance(info, dict) else {}
-
-
-def slide_path_of(layer: Any) -> str | None:
-    """The slide a layer belongs to (``metadata["path"]`` for a slide layer)."""
-    meta = getattr(layer, "metadata", {})
-    if "slide" in meta:
-        return str(meta.get("path"))
-    path = meta.get("slide_path")
-    return str(path) if path else None
-
-
-def layers_of(
-    viewer: napari.Viewer, slide_path: str, kinds: Iterable[str] | None = None, run: Any = None
-) -> list:
-    """Our layers of ``slide_path`` (optionally of the given kinds / run)."""
-    kinds = set(kinds) if kinds is not None else None
-    out = []
-    for layer in viewer.layers:
-        kind = layer_kind(layer)
-        if kind is None or slide_path_of(layer) != str(slide_path):
-            continue
-        if kinds is not None and kind not in kinds:
-            continue
-        if run is not None and layer_info(layer).get("run") != run:
-            continue
-        out.append(layer)
-    return out
-
-
-def base_name(name: str) -> str:
-    """A layer name without napari's " [1]" de-duplication suffix."""
-    return _SUFFIX_RE.sub("", name)
+    return Colormap(
+        colors=np.vstack([clear, colors]),
+        controls=controls,
+        name="napari-magnet attention",
+        display_name="attention mass rank (viridis, clear below 0.1)",
+    )
 
 
 def selected_box(viewer: napari.Viewer, slide_layer: Any) -> tuple | None:
@@ -210,7 +185,8 @@ def _kwargs_units(slide_layer: Any) -> dict:
 
 def restyle(layer: Any, class_colors: dict | None = None) -> None:
     """Colour a Shapes layer of ours by class and review state (io.layerdata.review_style):
-    ROIs keep their lineage colour until classified; accepted = bold, rejected = thin grey."""
+    ROIs keep their lineage colour until classified; accepted = bold, rejected = thin grey.
+    An ROI's edge is never wider than :data:`MAX_EDGE_FRACTION` of its shorter side."""
     n = layer.nshapes
     if n == 0:
         return
@@ -233,13 +209,58 @@ def restyle(layer: Any, class_colors: dict | None = None) -> None:
     if layer_kind(layer) == "rois":
         faces[:] = 0.0  # ROIs stay unfilled: the tissue under them is what is reviewed
     w0 = float(layer_info(layer).get("edge_width", 1.0))
+    widths = w0 * widths
+    if layer_kind(layer) == "rois":  # a region a few pixels wide: a hairline, not a blob
+        sides = np.array([np.ptp(np.asarray(v)[:, -2:], axis=0).min() for v in layer.data])
+        widths = np.minimum(widths, MAX_EDGE_FRACTION * sides)
     layer.edge_color = edges
     layer.face_color = faces
-    layer.edge_width = list(w0 * widths)
+    layer.edge_width = list(widths)
+
+
+def roi_layer_text(layer_no: int) -> dict:
+    """The ``text`` settings of the ROI layers of a magnifying layer (live and reopened).
+
+    Parameters
+    ----------
+    layer_no : int
+        The 1-based magnifying layer.
+
+    Returns
+    -------
+    dict
+        The id as label, at the layer's corner and in its size
+        (:func:`~napari_magnet.io.roi_columns.label_anchor`,
+        :func:`~napari_magnet.io.roi_columns.label_size`), in :data:`TEXT_COLOR`.
+    """
+    return {
+        "string": "{id}",
+        "size": label_size(layer_no),
+        "color": TEXT_COLOR,
+        "anchor": label_anchor(layer_no),
+    }
 
 
 def roi_layer_name(slide_layer: Any, layer_no: int) -> str:
     return f"{slide_layer.name} · L{int(layer_no)} ROIs"
+
+
+def set_roi_probability(layer: Any, probability: float | None) -> None:
+    """Record the run's slide probability in an ROI layer's ``probability`` feature (the
+    result arrives after the ROI layers; hovering an ROI then shows it).
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An ROI layer of the run.
+    probability : float or None
+        The run's slide probability (``None``: unknown, NaN).
+    """
+    if not layer.nshapes:
+        return
+    features = layer.features.copy()
+    features["probability"] = np.nan if probability is None else float(probability)
+    layer.features = features
 
 
 def attention_layer_name(slide_layer: Any, layer_no: int) -> str:
@@ -268,12 +289,15 @@ def add_roi_layer(
         features=features,
         edge_width=w0,
         face_color=[0, 0, 0, 0],
-        text={"string": "{id}", "size": 9, "color": TEXT_COLOR, "anchor": "upper_left"},
+        text=roi_layer_text(layer_no),
         name=name or roi_layer_name(slide_layer, layer_no),
         metadata=meta,
         **_kwargs_units(slide_layer),
     )
     restyle(layer)
+    from .roi_display import install_roi_display
+
+    install_roi_display(viewer)  # labels laid out, hover described
     return layer
 
 
@@ -295,7 +319,7 @@ def add_attention_layer(
         composite=n_maps > 1,
     )
     meta["box"] = tuple(float(v) for v in placed.box)
-    return viewer.add_image(
+    layer = viewer.add_image(
         placed.data,
         name=attention_layer_name(slide_layer, layer_no),
         scale=placed.scale,
@@ -307,6 +331,13 @@ def add_attention_layer(
         metadata=meta,
         **_kwargs_units(slide_layer),
     )
+    colorbar = getattr(layer, "colorbar", None)  # napari >= 0.6
+    if colorbar is not None:
+        colorbar.size = (14, 110)
+    from .roi_display import install_roi_display
+
+    install_roi_display(viewer)  # one colour bar: the topmost visible attention layer's
+    return layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +372,10 @@ def set_coverage_layer(
     if existing is not None and existing in viewer.layers:
         existing.data = coverage
         existing.colormap = cmap
+        existing.metadata[KEY]["legend"] = coverage_legend(n_layers)
+        from .roi_display import refresh
+
+        refresh(viewer)
         return existing
     meta_slide = slide_layer.metadata
     dims = meta_slide["slide"].dimensions
@@ -362,7 +397,7 @@ def set_coverage_layer(
         colormap=cmap,
         features=features,
         visible=visible,
-        metadata=slide_metadata(slide_layer, "coverage", run=run),
+        metadata=slide_metadata(slide_layer, "coverage", run=run, legend=coverage_legend(n_layers)),
         **_kwargs_units(slide_layer),
     )
     # just above its slide
@@ -371,6 +406,9 @@ def set_coverage_layer(
         viewer.layers.move(viewer.layers.index(layer), target)
     except ValueError:  # pragma: no cover - slide removed meanwhile
         pass
+    from .roi_display import install_roi_display
+
+    install_roi_display(viewer)  # the legend shows while the layer does
     return layer
 
 

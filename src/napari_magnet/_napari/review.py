@@ -19,16 +19,20 @@ columns, ``class`` (``""`` = unclassified) and ``review`` (``unreviewed`` / ``ac
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..io.annotation import DEFAULT_CLASSES, REVIEW_STATES
+from ..io.colors import review_style
 from .layers import restyle
 
 __all__ = [
     "CLASS_KEYS",
     "REVIEW_KEYS",
     "ClassProvider",
+    "apply_drawing_colors",
+    "drawing_colors_on_change",
     "bind_review_keys",
     "default_classes",
     "set_class",
@@ -152,3 +156,52 @@ def _class_action(index: int, classes: ClassProvider):
     action.__name__ = f"class_{index + 1}"
     action.__doc__ = f"Give the selected shapes class {index + 1} of the widget's list"
     return action
+
+
+def apply_drawing_colors(layer: Any, class_colors: dict | None = None) -> None:
+    """Give the shapes drawn next in ``layer`` the colours of the class they will get.
+
+    The edge takes the class colour of ``layer.feature_defaults["class"]`` and the face the
+    same colour, light (as :func:`~napari_magnet.io.colors.review_style` styles a classified
+    shape); an unclassified shape gets a yellow edge and no fill. Nothing changes while
+    shapes are selected: napari would recolour them.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An annotations layer.
+    class_colors : dict, optional
+        Class colours overriding the defaults.
+    """
+    if len(layer.selected_data):
+        return
+    defaults = layer.feature_defaults
+    klass = defaults["class"].iloc[0] if "class" in defaults and len(defaults) else ""
+    klass = klass if isinstance(klass, str) else ""
+    edges, faces, _ = review_style([klass], ["unreviewed"], class_colors)
+    layer.current_edge_color = edges[0]
+    layer.current_face_color = faces[0]
+
+
+def drawing_colors_on_change(layer: Any) -> Callable[..., None]:
+    """An event callback that reapplies :func:`apply_drawing_colors` to ``layer`` (held
+    weakly): connect it to the layer's ``feature_defaults`` and ``mode`` events.
+
+    Parameters
+    ----------
+    layer : napari.layers.Shapes
+        An annotations layer.
+
+    Returns
+    -------
+    callable
+        The callback.
+    """
+    ref = weakref.ref(layer)
+
+    def on_change(event=None):
+        target = ref()
+        if target is not None:
+            apply_drawing_colors(target)
+
+    return on_change

@@ -1,82 +1,85 @@
-"""Magnify runs in a viewer: the state machine, the worker and the layers a run adds.
+"""Magnify runs in a viewer: the state machine, the worker and the layers a run shows.
 
 No Qt widgets here: :class:`RunController` starts a worker thread around
 :func:`~.run_worker.magnify_items`, turns the records it yields into layers (through a
-:class:`~.layer_queue.LayerQueue`, one layer per event-loop turn) and reports through psygnal
-signals; the dock widget's panels (:mod:`._qt`) only display :class:`RunStatus` records.
+:class:`~.layer_queue.LayerQueue`, one layer operation per event-loop turn) and reports through
+psygnal signals; the dock widget's panels (:mod:`._qt`) only display :class:`RunStatus` records.
 
 States (:class:`RunState`); a run always ends in IDLE, as ``"committed"``, ``"cancelled"``
 or ``"failed"`` (the ``run_finished`` signal)::
 
     IDLE        start                                  -> LOADING
     LOADING     model loaded                           -> RUNNING
-    LOADING,    Cancel                                 -> CANCELLING
-     RUNNING    error (in the worker or adding layers) -> FAILING
     RUNNING     worker done, layers still queued       -> FINISHING
                 worker done, every step shown          -> IDLE (committed; cancelled if no result)
     FINISHING   last step shown                        -> IDLE (committed)
-                Cancel / error                         -> IDLE (cancelled / failed)
-    CANCELLING  worker done                            -> IDLE (cancelled)
-    FAILING     worker done                            -> IDLE (failed)
+    any of them Cancel                                 -> IDLE (cancelled), at once
+                error (in the worker or in a layer)    -> IDLE (failed), at once
 
-The worker is superqt's generator worker (napari's ``thread_worker`` wraps the same one but
-also reports every error itself, which would report a failed run twice).
+The worker is superqt's generator worker (napari's ``thread_worker`` would report errors twice).
 
-* **Cancel** sets the run's cancel flag and at once hides every layer of the run (they are
-  removed in the next turn of the event loop, in one batch); the worker stops at the next step
-  boundary: the generator checks the flag each time it is resumed and closes the ``magnify``
-  stream itself, in the worker thread. Steps that arrive after Cancel are dropped; nothing of
-  the run stays. Cancelling a run whose worker is already done discards it at once.
-* **Errors** (bad checkpoint, CUDA out of memory, unreadable region — any exception in the
-  worker) arrive through the worker's ``errored`` signal; a step whose layers cannot be added
-  fails the run the same way. The run's layers are removed, ``show_error`` reports it and
-  earlier results stay.
-* **A new run on a slide replaces the previous run's layers when it completes**: until then
-  both are shown (napari suffixes the new names with " [1]"); on completion the old ROI,
-  attention and coverage layers are removed, the coverage overlay is added (hidden) and the
-  new layers take the plain names. A cancelled or failed run leaves earlier results untouched.
+* **Cancel and errors never wait for the worker.** The run closes at once: its queued layer
+  operations are dropped, the layers it added are hidden (removed next turn, in one batch),
+  those it updated get their previous content back. The worker is *detached*: it stops at its
+  next step boundary (the generator checks the cancel flag each time it is resumed and closes
+  the ``magnify`` stream in the worker thread); what it still yields is dropped. (Waiting for
+  its ``finished`` signal once hung a Cancel pressed after the model had finished: the signal
+  had already come.)
+* **Errors** (any exception in the worker, through its ``errored`` signal, or a step whose
+  layers cannot be made) are reported with ``show_error``; earlier results stay.
+* **A run updates the slide's previous results in place** (:mod:`.layer_updates`): a step
+  writes into the previous layer of its kind and magnifying layer, adding one only where there
+  is none; the commit removes the previous layers not reused and updates (or adds, hidden) the
+  coverage. ``reuse_layers=False``: a run adds its layers beside the previous ones (names
+  suffixed " [1]"), which the commit removes.
 * Layers are added without changing the user's layer selection, and the slide's Annotations
   layer is kept on top.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 from psygnal import Signal
 
-from ..io.layerdata import coverage_summary
-from .layer_queue import DRAIN_DELAY_MS, LayerQueue, keep_selection
+from .layer_queue import DRAIN_DELAY_MS, LayerQueue
+from .layer_updates import (
+    discard_later,
+    mark_committed,
+    reusable_layer,
+    show_layer,
+)
 from .layers import (
-    KEY,
     add_attention_layer,
     add_roi_layer,
     base_name,
-    layer_info,
     layer_kind,
     layers_of,
     set_coverage_layer,
 )
 from .run_worker import (
-    MagnifyFailed,
     ModelLoaded,
     RunCompleted,
     RunRequest,
     StepReady,
     TissueReady,
     describe_error,
+    guarded_items,
     magnify_items,
+    summarize_result,
 )
 
-#: Kinds of layers a run adds (replaced by the next committed run on the slide).
+__all__ = ["MagnifyRun", "RunController", "RunState", "RunStatus", "guarded_items"]
+
+#: Kinds of layers a run shows (replaced by the next committed run on the slide).
 RUN_KINDS = ("rois", "attention", "coverage")
 _run_ids = itertools.count(1)
 
@@ -85,17 +88,13 @@ class RunState(enum.Enum):
     """Where the controller's run stands."""
 
     IDLE = "idle"
-    """No run (earlier runs' layers may still be being removed)."""
+    """No run (a cancelled run's layers may still be being removed or put back)."""
     LOADING = "loading"
     """The worker is loading the model."""
     RUNNING = "running"
-    """Steps are streaming in and their layers being added."""
-    CANCELLING = "cancelling"
-    """Cancel was pressed: the run's layers are gone, the worker is stopping."""
-    FAILING = "failing"
-    """The run failed: its layers are gone, the worker is stopping."""
+    """Steps are streaming in and their layers being shown."""
     FINISHING = "finishing"
-    """The worker is done; the last steps' layers are being added before the commit."""
+    """The worker is done; the last steps' layers are being shown before the commit."""
 
 
 #: States in which Cancel applies.
@@ -136,7 +135,7 @@ class RunStatus:
 
 @dataclass(eq=False)
 class MagnifyRun:
-    """One run and what it added (mutated in the GUI thread only).
+    """One run and what it shows (mutated in the GUI thread only).
 
     Attributes
     ----------
@@ -149,7 +148,9 @@ class MagnifyRun:
     cancel_event : threading.Event
         Set to stop the worker at the next step boundary.
     layers : list
-        Layers it added (still in the viewer).
+        Layers showing the run (added or updated in place; still in the viewer).
+    reused : list of [layer, tuple or None]
+        Layers it updates in place and what they showed (:func:`.layer_updates.show_layer`).
     steps : list of MagnifyStep
         Steps received.
     result : MagnifyResult or None
@@ -161,6 +162,7 @@ class MagnifyRun:
     slide_layer: Any
     cancel_event: threading.Event = field(default_factory=threading.Event)
     layers: list = field(default_factory=list)
+    reused: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     result: Any = None
     model_name: str = ""
@@ -168,6 +170,7 @@ class MagnifyRun:
     tissue: np.ndarray | None = None
     coverage: np.ndarray | None = None
     coverage_layer: Any = None
+    worker: Any = None
     cancelled: bool = False
     failed: bool = False
     finished: bool = False  # the worker has stopped
@@ -207,51 +210,6 @@ class MagnifyRun:
         return self.request.box
 
 
-def guarded_items(
-    items: Callable[[RunRequest], Iterator[Any]], request: RunRequest, cancel: threading.Event
-) -> Iterator[Any]:
-    """The worker's generator: ``items(request)``, stopped as soon as it is resumed with
-    ``cancel`` set, closed in the worker thread, any exception re-raised as
-    :class:`~.run_worker.MagnifyFailed` (so that it reaches the worker's ``errored``)."""
-    source = items(request)
-    try:
-        try:
-            for record in source:
-                if cancel.is_set():
-                    return
-                yield record
-                if cancel.is_set():
-                    return
-        finally:
-            source.close()
-    except Exception as exc:  # delivered through ``errored``
-        raise MagnifyFailed(exc) from exc
-
-
-def _fmt_count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f}"
-
-
-def summarize_result(result: Any, coverage: np.ndarray | None = None) -> str:
-    """The result line: model, probability, pixels, time and examined tissue."""
-    parts = [
-        f"p = {result.probability:.3f} (label {result.label})",
-        (
-            f"{_fmt_count(result.pixels_processed)} px processed / "
-            f"{_fmt_count(result.pixels_read)} px read"
-        ),
-        f"{result.seconds:.1f} s",
-    ]
-    if coverage is not None:
-        summary = coverage_summary(coverage)
-        if summary.get("tissue_cells"):
-            parts.append(f"tissue examined {100 * summary['examined']:.0f}%")
-    return f"{result.model_name}: " + " · ".join(parts)
-
-
 class RunController:
     """Runs Magnify in ``viewer``, one run at a time (see the module docstring).
 
@@ -264,6 +222,9 @@ class RunController:
         :func:`~.run_worker.magnify_items`; tests pass a scripted one).
     delay_ms : int
         Pause between two queued layer operations.
+    reuse_layers : bool
+        Update the previous run's layers in place (default) instead of adding new ones and
+        removing the previous ones on commit; also sets ``split_adds`` (see ``_show``).
 
     Signals
     -------
@@ -274,7 +235,7 @@ class RunController:
     run_finished(str)
         A run ended: ``"committed"``, ``"cancelled"`` or ``"failed"``.
     roi_layer_added(layer)
-        A run added an ROI layer.
+        A run added (or updated) an ROI layer.
     committed(MagnifyRun)
         A run's layers replaced the slide's previous results.
     """
@@ -291,17 +252,17 @@ class RunController:
         *,
         items: Callable[[RunRequest], Iterator[Any]] = magnify_items,
         delay_ms: int = DRAIN_DELAY_MS,
+        reuse_layers: bool = True,
     ) -> None:
         self.viewer = viewer
         self.items = items
+        self.reuse_layers = self.split_adds = bool(reuse_layers)
         self.queue = LayerQueue(on_error=self._fail, delay_ms=delay_ms)
         self.last_runs: dict[str, MagnifyRun] = {}
         self._state = RunState.IDLE
         self._run: MagnifyRun | None = None
-        self._worker: Any = None
-        self._shown = 0
-        self._expected = 0
-        self._message = ""
+        self._stopping: list[MagnifyRun] = []  # closed runs whose worker has not stopped yet
+        self._shown, self._expected, self._message = 0, 0, ""
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -321,13 +282,19 @@ class RunController:
 
     @property
     def worker(self) -> Any:
-        """The running worker, or ``None``."""
-        return self._worker
+        """The worker of the run under way while it works, or ``None``."""
+        run = self._run
+        return run.worker if run is not None and not run.finished else None
+
+    @property
+    def stopping(self) -> int:
+        """Workers of cancelled or failed runs that have not reached their next step yet."""
+        return len(self._stopping)
 
     @property
     def is_running(self) -> bool:
-        """Whether anything is under way: a run (also while cancelling or finishing), or layer
-        operations still queued (removing a cancelled or replaced run's layers)."""
+        """Whether anything is under way: a run, or layer operations still queued (removing or
+        restoring a cancelled or replaced run's layers). Detached workers do not count."""
         return self._state is not RunState.IDLE or self.queue.busy
 
     def _set_state(self, state: RunState | None = None) -> None:
@@ -346,7 +313,6 @@ class RunController:
         self._run = run
         self._shown, self._expected = 0, 0
         self._message = f"Magnifying with {request.model}…"
-        # superqt's worker, not napari's: napari's also reports every error itself
         worker = create_worker(
             guarded_items,
             self.items,
@@ -358,24 +324,18 @@ class RunController:
         worker.yielded.connect(lambda record, r=run: self._on_yielded(r, record))
         worker.errored.connect(lambda exc, r=run: self._on_errored(r, exc))
         worker.finished.connect(lambda r=run: self._on_finished(r))
-        self._worker = worker
+        run.worker = worker
         self._set_state(RunState.LOADING)
         worker.start()
         return worker
 
     def cancel(self) -> bool:
-        """Cancel the run (see the module docstring); returns whether Cancel applied."""
+        """Cancel the run at once (see the module docstring); returns whether it applied."""
         run = self._run
-        if run is None or not run.alive or self._state not in CANCELLABLE:
+        if run is None or run.closed or self._state not in CANCELLABLE:
             return False
         run.cancelled = True
-        run.cancel_event.set()
-        self._remove_run_layers(run)
-        self._message = "Cancelled: stopping at the next step…"
-        if run.finished:
-            self._close(run)
-        else:
-            self._set_state(RunState.CANCELLING)
+        self._close(run)
         return True
 
     def slide_removed(self, slide_layer: Any) -> None:
@@ -384,25 +344,23 @@ class RunController:
             self.cancel()
 
     def shutdown(self) -> None:
-        """Ask the worker to stop (the application is quitting)."""
-        if self._run is not None:
-            self._run.cancel_event.set()
+        """Ask every worker to stop (the application is quitting)."""
+        for run in [self._run, *self._stopping]:
+            if run is not None:
+                run.cancel_event.set()
 
     def remove_layers_later(self, layers: list) -> None:
         """Hide ``layers`` now; remove them in the next turn of the event loop, all in one
         batch (napari runs a full garbage collection after removing layers — ~0.5 s with torch
         loaded — once per batch instead of once per layer)."""
-        doomed = [layer for layer in layers if layer in self.viewer.layers]
-        if not doomed:
-            return
-        for layer in doomed:
-            layer.visible = False
-        self.queue.push(lambda: self._remove_now(doomed))
+        later = discard_later(self.viewer, layers, [])
+        if later is not None:
+            self.queue.push(later)
 
     # -- worker signals --------------------------------------------------------------------
     def _on_yielded(self, run: MagnifyRun, record: Any) -> None:
-        if run is not self._run or not run.alive or run.closed:
-            return
+        if run is not self._run or run.closed:
+            return  # a detached worker's last records
         try:
             if isinstance(record, ModelLoaded):
                 run.model_name = record.name
@@ -425,12 +383,11 @@ class RunController:
 
     def _on_finished(self, run: MagnifyRun) -> None:
         """The worker is done; commit once the queued layers of its last step are shown."""
-        if run is self._run:
-            self._worker = None
         run.finished = True
-        if run.closed:
+        self._stopping = [other for other in self._stopping if other is not run]
+        if run is not self._run or run.closed:
             return
-        if not run.alive or run.result is None or run.shown >= len(run.steps):
+        if run.result is None or run.shown >= len(run.steps):
             self._close(run)
         else:
             self._set_state(RunState.FINISHING)
@@ -442,33 +399,43 @@ class RunController:
         def checked() -> None:
             if run.slide_layer not in self.viewer.layers:
                 raise RuntimeError(f"the slide layer {run.slide_layer.name!r} was removed")
-            with keep_selection(self.viewer):
-                added = action()
-            if added is not None and added not in run.layers:
-                run.layers.append(added)
+            shown = action()
+            if shown is not None and shown not in run.layers:
+                run.layers.append(shown)
 
         self.queue.push(checked, owner=run)
+
+    def _show(self, run: MagnifyRun, kind: str, layer_type: str, k: Any, make: Callable) -> Any:
+        """The layer ``make(viewer)`` adds, or the previous run's layer it is written into.
+        With ``split_adds``, the write, or the first draw of an added layer (shaders, textures:
+        it is hidden until then), costs a turn of its own, the next one."""
+        before = {id(lyr) for lyr in self.viewer.layers}
+        later = partial(self.queue.push_next, owner=run) if self.split_adds else None
+        reuse = self.reuse_layers
+        layer = show_layer(self.viewer, make, run, kind, layer_type, k, reuse=reuse, defer=later)
+        if later is not None and id(layer) not in before and layer.visible:
+            layer.visible = False
+            later(lambda: setattr(layer, "visible", True))
+        if kind == "rois":
+            self.roi_layer_added.emit(layer)
+        return layer
 
     def _add_step(self, run: MagnifyRun, record: StepReady) -> None:
         """Queue the step's attention overlay, its ROI rectangles, then the bookkeeping."""
         step, data = record.step, record.data
         run.steps.append(step)
         run.coverage = data.coverage
-        self._push(
-            run,
-            lambda: add_attention_layer(
-                self.viewer, run.slide_layer, data.attention, step.layer, run.tag, data.n_maps
-            ),
-        )
-        self._push(run, lambda: self._add_rois(run, step.layer, data.rois))
-        self._push(run, lambda: self._step_shown(run))
+        slide, k = run.slide_layer, step.layer
 
-    def _add_rois(self, run: MagnifyRun, layer_no: int, rois: Any) -> Any:
-        layer = add_roi_layer(
-            self.viewer, run.slide_layer, rois.rects, rois.features, layer_no, run.tag
-        )
-        self.roi_layer_added.emit(layer)
-        return layer
+        def attention(viewer: Any) -> Any:
+            return add_attention_layer(viewer, slide, data.attention, k, run.tag, data.n_maps)
+
+        def rois(viewer: Any) -> Any:
+            return add_roi_layer(viewer, slide, data.rois.rects, data.rois.features, k, run.tag)
+
+        self._push(run, lambda: self._show(run, "attention", "image", k, attention))
+        self._push(run, lambda: self._show(run, "rois", "shapes", k, rois))
+        self._push(run, lambda: self._step_shown(run))
 
     def _step_shown(self, run: MagnifyRun) -> None:
         """After a step's layers: the user's drawing layers back on top, progress."""
@@ -484,57 +451,42 @@ class RunController:
         if run.finished and run.alive and not run.closed and run.shown >= len(run.steps):
             self._close(run)
 
-    def _remove_run_layers(self, run: MagnifyRun) -> None:
-        self.remove_layers_later(run.layers)
-        run.layers = []
-        run.coverage_layer = None
-
-    def _remove_now(self, layers: list) -> None:
-        viewer_layers = self.viewer.layers
-        batch = getattr(viewer_layers, "batched_update", None)  # napari >= 0.5.5
-        with batch() if batch is not None else contextlib.nullcontext():
-            for layer in layers:
-                if layer in viewer_layers:
-                    viewer_layers.remove(layer)
+    def _discard(self, run: MagnifyRun) -> None:
+        """Hide the layers ``run`` added now; next turn, put back the previous content of those
+        it updated and remove the added ones (:func:`.layer_updates.discard_later`)."""
+        later = discard_later(self.viewer, run.layers, run.reused)
+        if later is not None:
+            self.queue.push(later)
+        run.layers, run.reused, run.coverage_layer = [], [], None
 
     # -- ending a run ----------------------------------------------------------------------
     def _fail(self, run: MagnifyRun, exc: BaseException) -> None:
-        """Fail ``run``: report, remove its layers; idle once its worker is done."""
-        if not run.alive or run.closed:
+        """Fail ``run`` at once: report it, discard its layers, back to idle."""
+        if run.closed or not run.alive:
             return
         self._report_failure(run, exc)
-        if run.finished:
-            self._close(run)
-        else:
-            self._set_state(RunState.FAILING)
+        self._close(run)
 
     def _report_failure(self, run: MagnifyRun, exc: BaseException) -> None:
         from napari.utils.notifications import show_error
 
         run.failed = True
         run.error = describe_error(exc)
-        run.cancel_event.set()
-        self._remove_run_layers(run)
         self._message = f"Failed: {run.error}"
         show_error(
             f"napari-magnet: Magnify on {run.slide_layer.name} with {run.model} failed: {run.error}"
         )
 
     def _close(self, run: MagnifyRun) -> None:
-        """Commit or discard ``run`` (its worker is done) and go back to idle."""
+        """Commit or discard ``run``, back to idle; a working worker is detached (stopping)."""
         if run.closed:
             return
         run.closed = True
+        if not run.finished:
+            run.cancel_event.set()
+            self._stopping.append(run)
         outcome = "failed"
-        if run.failed:
-            pass
-        elif run.cancelled or run.result is None:
-            outcome = "cancelled"
-            run.cancelled = True  # its still-queued layer operations are dropped
-            self._remove_run_layers(run)
-            self._message = "Cancelled: no layers kept"
-            self._shown = 0
-        else:
+        if run.alive and run.result is not None:
             try:
                 self._commit(run)
                 outcome = "committed"
@@ -542,42 +494,53 @@ class RunController:
                 if self.last_runs.get(run.slide_path) is run:
                     del self.last_runs[run.slide_path]
                 self._report_failure(run, exc)
+        elif run.alive or run.cancelled:
+            outcome = "cancelled"
+            run.cancelled = True  # its still-queued layer operations are dropped
+            self._message = "Cancelled: no layers kept"
+            self._shown = 0
+        if outcome != "committed":
+            self._discard(run)
         if run is self._run:
             self._run = None
         self._set_state(RunState.IDLE)
         self.run_finished.emit(outcome)
 
     def _commit(self, run: MagnifyRun) -> None:
+        mine = {id(layer) for layer in run.layers}
+        cover = None
+        if run.coverage is not None and self.reuse_layers:
+            cover = reusable_layer(
+                self.viewer, run.slide_path, "coverage", "labels", exclude=run.layers
+            )
         old = [
             layer
             for layer in layers_of(self.viewer, run.slide_path, kinds=RUN_KINDS)
-            if layer_info(layer).get("run") != run.tag
+            if id(layer) not in mine and layer is not cover
         ]
         self.remove_layers_later(old)
         if run.coverage is not None:
-            self.queue.push(lambda: self._add_coverage(run))
+            self.queue.push(lambda: self._show_coverage(run))
         for layer in run.layers:
             if layer_kind(layer) == "rois":
-                layer.metadata[KEY]["committed"] = True
+                mark_committed(layer)
         # plain names once the previous run's layers are gone
         self.queue.push(lambda: self._rename(run))
         self.last_runs[run.slide_path] = run
         self.committed.emit(run)
 
-    def _add_coverage(self, run: MagnifyRun) -> None:
-        if (
-            run.slide_layer not in self.viewer.layers
-            or self.last_runs.get(run.slide_path) is not run
-        ):
+    def _show_coverage(self, run: MagnifyRun) -> None:
+        """Update the previous coverage layer (hidden or shown as the user left it) with the
+        run's coverage, or add the layer (hidden) just above the slide."""
+        viewer = self.viewer
+        if run.slide_layer not in viewer.layers or self.last_runs.get(run.slide_path) is not run:
             return  # the slide is gone, or a newer run replaced this one meanwhile
-        with keep_selection(self.viewer):
-            run.coverage_layer = set_coverage_layer(
-                self.viewer,
-                run.slide_layer,
-                run.coverage,
-                max(run.expected_steps, len(run.steps)),
-                run.tag,
-            )
+        n_layers = max(run.expected_steps, len(run.steps))
+
+        def make(viewer: Any) -> Any:
+            return set_coverage_layer(viewer, run.slide_layer, run.coverage, n_layers, run.tag)
+
+        run.coverage_layer = self._show(run, "coverage", "labels", None, make)
         run.layers.append(run.coverage_layer)
 
     def _rename(self, run: MagnifyRun) -> None:

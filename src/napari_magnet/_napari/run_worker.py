@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..io.layerdata import (
     coverage_grid_shape,
+    coverage_summary,
     resize_mask,
     step_layer_data,
     tissue_mask,
@@ -274,3 +275,80 @@ def magnify_items(request: RunRequest) -> Iterator[Any]:
                 yield StepReady(item, step_layer_data(item, request.mpp, dims, steps, tissue))
     finally:
         stream.close()
+
+
+def guarded_items(
+    items: Callable[[RunRequest], Iterator[Any]], request: RunRequest, cancel: threading.Event
+) -> Iterator[Any]:
+    """The worker's generator: ``items(request)`` stopped at the first step boundary after
+    ``cancel`` is set.
+
+    The source is closed in the worker thread (``magnify`` closes its region-reading pool
+    there) and any exception is re-raised as :class:`MagnifyFailed`, so that it reaches the
+    worker's ``errored`` signal.
+
+    Parameters
+    ----------
+    items : callable
+        ``items(request) -> iterator of records`` (:func:`magnify_items`).
+    request : RunRequest
+        The run.
+    cancel : threading.Event
+        Set by the GUI thread to stop the run.
+
+    Yields
+    ------
+    object
+        The records of ``items(request)``.
+    """
+    source = items(request)
+    try:
+        try:
+            for record in source:
+                if cancel.is_set():
+                    return
+                yield record
+                if cancel.is_set():
+                    return
+        finally:
+            source.close()
+    except Exception as exc:  # delivered through ``errored``
+        raise MagnifyFailed(exc) from exc
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f}"
+
+
+def summarize_result(result: Any, coverage: np.ndarray | None = None) -> str:
+    """The result line: model, probability, pixels, time and examined tissue.
+
+    Parameters
+    ----------
+    result : MagnifyResult
+        The run's result.
+    coverage : numpy.ndarray, optional
+        The coverage grid (adds the examined fraction of the tissue).
+
+    Returns
+    -------
+    str
+        ``"<model>: p = … (label …) · … px processed / … px read · … s"``, then
+        ``" · tissue examined …%"`` when the coverage knows the tissue.
+    """
+    parts = [
+        f"p = {result.probability:.3f} (label {result.label})",
+        (
+            f"{_fmt_count(result.pixels_processed)} px processed / "
+            f"{_fmt_count(result.pixels_read)} px read"
+        ),
+        f"{result.seconds:.1f} s",
+    ]
+    if coverage is not None:
+        summary = coverage_summary(coverage)
+        if summary.get("tissue_cells"):
+            parts.append(f"tissue examined {100 * summary['examined']:.0f}%")
+    return f"{result.model_name}: " + " · ".join(parts)

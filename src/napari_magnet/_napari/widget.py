@@ -8,15 +8,20 @@ The widget is a composition:
 * :class:`~.run_controller.RunController` (plain): the run state machine, the worker thread,
   the model cache and the queue that adds a run's layers one per event-loop turn — see
   :mod:`.run_controller` for Cancel, errors and how a new run replaces the previous one;
-* three Qt panels (:mod:`._qt`): :class:`~._qt.MagnifyPanel` (slide, model, device, patches,
-  Magnify/Cancel, progress), :class:`~._qt.ReviewPanel` (classes, review states) and
-  :class:`~._qt.ExportPanel` (*Export all…*, *Import GeoJSON…*);
+* Qt panels (:mod:`._qt`): :class:`~._qt.open_prompt.OpenSlidesPanel` (shown only when it
+  has something to offer: reopen a slide another reader opened, make napari-magnet napari's
+  reader for slides — see :mod:`.open_routes`), :class:`~._qt.MagnifyPanel` (slide and its
+  slide line, model, device, patches, Magnify/Cancel, progress), :class:`~._qt.ReviewPanel`
+  (classes, review states) and :class:`~._qt.ExportPanel` (*Export all…*, *Import GeoJSON…*);
 * the slides' annotation layers and their autosave (:mod:`.annotations`), kept here.
 
 They talk through frozen records: the panel's :class:`~._qt.RunSettings`, the run's
 :class:`~.run_worker.RunRequest`, the worker's records and the controller's
 :class:`~.run_controller.RunStatus`. The widget keeps the panels' controls and methods as
 its own attributes (``model_combo``, ``set_review``, ``export_all`` …).
+
+**Docking** narrows the canvas: once shown, the widget fits the view to the slides (as Home
+does) when the view was fitted before, so a slide is not left cropped.
 
 **Magnify inside a box**: a shape selected in a Shapes layer that is not one of our ROI layers
 (the active layer first) restricts layer 1 to its bounding box (world µm → level-0 pixels
@@ -25,6 +30,7 @@ through both layers' scale and translate).
 
 from __future__ import annotations
 
+import time
 import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -33,6 +39,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QApplication, QVBoxLayout, QWidget
 
 from ._qt import ExportPanel, MagnifyPanel, ReviewPanel
+from ._qt.open_prompt import OpenSlidesPanel
 from .annotations import (
     AnnotationAutosaver,
     bind_review_keys,
@@ -40,6 +47,7 @@ from .annotations import (
     watch_slide_layers,
 )
 from .layers import is_slide_layer, layers_of, selected_box, slide_layers, slide_path_of
+from .open_routes import foreign_slide_layers, foreign_slide_path, slide_line, view_is_fitted
 from .run_controller import MagnifyRun, RunController, RunState, RunStatus
 from .run_worker import (
     RunRequest,
@@ -52,6 +60,9 @@ from .run_worker import (
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import napari
+
+#: seconds after the widget is first shown during which layout changes refit the view
+FIT_WINDOW_S = 1.0
 
 # the helpers below are re-exported for the demo, the benchmarks and the tests
 __all__ = [
@@ -114,6 +125,7 @@ class MagnifyWidget(QWidget):
 
     # the Magnify panel
     slide_combo = _Forward("magnify_panel")
+    slide_info_label = _Forward("magnify_panel")
     model_combo = _Forward("magnify_panel")
     device_combo = _Forward("magnify_panel")
     patches_spin = _Forward("magnify_panel")
@@ -158,8 +170,16 @@ class MagnifyWidget(QWidget):
         self.data_dir = data_dir
         self.autosave_delay_ms = int(autosave_delay_ms)
         self.autosavers: dict[str, AnnotationAutosaver] = {}
+        # fit the view once docked (the dock narrows the canvas) unless the user had moved it
+        self._fit_after_dock = view_is_fitted(napari_viewer)
+        self._fit_until = 0.0
+        self._fit_timer = QTimer(self)
+        self._fit_timer.setSingleShot(True)
+        self._fit_timer.setInterval(0)
+        self._fit_timer.timeout.connect(self._fit_view)
 
         self.controller = RunController(napari_viewer)
+        self.open_panel = OpenSlidesPanel(napari_viewer, self)
         self.magnify_panel = MagnifyPanel(self)
         self.review_panel = ReviewPanel(napari_viewer, self)
         self.export_panel = ExportPanel(
@@ -171,7 +191,7 @@ class MagnifyWidget(QWidget):
             parent=self,
         )
         root = QVBoxLayout(self)
-        for panel in (self.magnify_panel, self.review_panel, self.export_panel):
+        for panel in (self.open_panel, self.magnify_panel, self.review_panel, self.export_panel):
             root.addWidget(panel)
         root.addStretch(1)
 
@@ -183,6 +203,7 @@ class MagnifyWidget(QWidget):
         self.controller.roi_layer_added.connect(self._bind_keys)
         self.controller.committed.connect(self._on_committed)
         self.magnify_panel.show_status(self.controller.status)
+        self.magnify_panel.slide_changed.connect(self._update_slide_line)
 
         self._refresh_slides()
         layers = self.viewer.layers
@@ -242,7 +263,8 @@ class MagnifyWidget(QWidget):
         return self.controller.start(slide_layer, request)
 
     def cancel(self) -> None:
-        """Stop the run at the next step boundary and remove its layers now."""
+        """Cancel the run at once: its layers go, earlier results are put back, the widget is
+        idle; the worker stops by itself at its next step boundary."""
         self.controller.cancel()
 
     def _forward_step_shown(self, n: int) -> None:
@@ -281,6 +303,12 @@ class MagnifyWidget(QWidget):
 
     def _refresh_slides(self) -> None:
         self.magnify_panel.set_slides(slide_layers(self.viewer))
+        self._update_slide_line()
+
+    def _update_slide_line(self) -> None:
+        layer = self.slide_layer
+        foreign = () if layer is not None else foreign_slide_layers(self.viewer)
+        self.magnify_panel.show_slide_info(slide_line(layer, foreign))
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = event.value
@@ -289,6 +317,8 @@ class MagnifyWidget(QWidget):
             self.set_slide(layer)
             # not from inside the insertion event: add layers once it has completed
             QTimer.singleShot(0, partial(self._setup_slide_ref, weakref.ref(layer)))
+        elif foreign_slide_path(layer):
+            self._update_slide_line()
 
     def _setup_slide_ref(self, ref: Any) -> None:
         layer = ref()
@@ -298,6 +328,8 @@ class MagnifyWidget(QWidget):
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
         if not is_slide_layer(layer):
+            if foreign_slide_path(layer):
+                self._update_slide_line()
             return
         path = slide_path_of(layer)
         self.controller.slide_removed(layer)
@@ -351,6 +383,25 @@ class MagnifyWidget(QWidget):
         if saver is not None:
             saver.watch(layer)
             saver.schedule()
+
+    # -- docking ---------------------------------------------------------------------------
+    def showEvent(self, event: Any) -> None:
+        """On the first show (docking), fit the view to the slides once the canvas has its
+        new size (unless the user had moved the view before)."""
+        super().showEvent(event)
+        if self._fit_after_dock:
+            self._fit_after_dock = False
+            self._fit_until = time.monotonic() + FIT_WINDOW_S
+            self._fit_timer.start()
+
+    def resizeEvent(self, event: Any) -> None:
+        """While docking settles, each new size (the canvas's changes with it) refits."""
+        super().resizeEvent(event)
+        if time.monotonic() < self._fit_until:
+            self._fit_timer.start()
+
+    def _fit_view(self) -> None:
+        self.viewer.reset_view()
 
     # -- shutdown --------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -2,9 +2,10 @@
 
 Coordinates: a layer's vertices go data → world with the layer's ``scale``/``translate``, then
 world µm → level-0 pixels with the slide's mpp taken from the layer's ``metadata["mpp"]``
-(every layer the plugin makes carries it). For a Shapes layer drawn by hand in a new layer
-(no such metadata) the mpp of the current viewer's only slide layer is used; with none (or
-several), world units are written as level-0 pixels and a warning says so.
+(every layer the plugin makes carries it). For a Shapes layer without it — drawn by hand in a
+new layer, or opened from an empty GeoJSON file, which has no mpp to record — the mpp of the
+current viewer's only slide layer is used; with none (or several), world units are written as
+level-0 pixels and a warning says so.
 
 Every feature written records ``properties.napari_magnet.mpp`` so our GeoJSON reader can put
 the shapes back in µm; QuPath ignores the key.

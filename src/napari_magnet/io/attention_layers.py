@@ -2,6 +2,21 @@
 
 napari places pixel *centres* at ``translate + index · scale``, so the ``translate`` of a map
 covering a level-0 box is the box's top-left plus half a map pixel, in world µm (DESIGN §2).
+
+What an attention layer shows
+-----------------------------
+A model's attention map is a probability distribution over its cells, and in a trained model a
+very peaked one (entmax: a few dozen of 3,136 cells carry all the mass, the top one 100–1000
+times the uniform share). Stretched linearly between its minimum and maximum, only the top cell
+or two get a visible colour. The layers therefore show each map's **attention mass rank**
+(:func:`attention_mass_rank`): a cell's value is the share of the map's attention held by the
+cells attended *no more* than it — 1 for the most attended cell, and the cells above 0.1
+together hold 90 % of the map's attention. Cells attended no more than the uniform share (the
+map's mean) get 0: they are not where the model looked, and a near-uniform map (an untrained
+model's) shows only its above-average cells. The scale is the same for every map and every
+layer, so one colour bar reads them all. The mass is taken over the whole map (attention the
+model spent on the black padding around a non-square slide counts), then the map is cut
+exactly to the slide.
 """
 
 from __future__ import annotations
@@ -18,7 +33,10 @@ __all__ = [
     "AttentionLayerData",
     "attention_box_from_layer",
     "attention_layer_data",
+    "attention_mass_rank",
+    "clip_to_slide",
     "composite_attention",
+    "is_mass_rank",
 ]
 
 
@@ -29,16 +47,16 @@ class AttentionLayerData:
     Attributes
     ----------
     data : np.ndarray
-        ``(h, w)`` float32 map (cropped to the slide when asked).
+        ``(h, w)`` float32 map (cut to the slide when asked): the attention mass rank
+        (:func:`attention_mass_rank`), or the raw values with ``mass_rank=False``.
     box : (x0, y0, x1, y1)
         Level-0 box ``data`` covers (map-pixel edges).
     scale, translate : (float, float)
         napari ``scale`` and ``translate`` (world µm, row/col): pixel ``(i, j)``'s *centre*
         lies at ``translate + (i, j) · scale``.
     contrast_limits : (float, float)
-        ``(min, max)`` of the map, so its lowest attention renders black (adds nothing under
-        additive blending) and its highest at the colormap's top; ``(0, max)`` or ``(0, 1)``
-        for a constant map.
+        ``(0, 1)`` for a mass rank; for raw values ``(min, max)`` of the map (``(0, max)`` or
+        ``(0, 1)`` for a constant map).
     """
 
     data: np.ndarray
@@ -48,17 +66,132 @@ class AttentionLayerData:
     contrast_limits: tuple[float, float]
 
 
+def attention_mass_rank(amap: np.ndarray) -> np.ndarray:
+    """Each cell's share of the map's attention held by cells attended no more than it.
+
+    Parameters
+    ----------
+    amap : np.ndarray
+        Attention map, any shape. NaNs carry no attention; a map with negative values (not a
+        probability map: logits, say) is shifted so its minimum is 0.
+
+    Returns
+    -------
+    np.ndarray
+        float32, same shape, in [0, 1]: ``sum(a[a <= a_i]) / sum(a)`` for cells attended
+        more than the uniform share (the map's mean), 0 for the others. The most attended
+        cell(s) get exactly 1 (unless the map is uniform), cells with no attention 0; a
+        uniform map, or one without any attention, is 0 everywhere (the model looked nowhere
+        in particular). The transform is invariant to the map's scale.
+    """
+    a = np.asarray(amap, dtype=np.float64)
+    out = np.zeros(a.shape, dtype=np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return out
+    values = a[finite]
+    low = values.min()
+    if low < 0:
+        values = values - low
+    order = np.sort(values)
+    cumulative = np.cumsum(order)
+    total = cumulative[-1]
+    if not total > 0:
+        return out
+    last = np.searchsorted(order, values, side="right") - 1  # the last cell <= each value
+    rank = np.clip(cumulative[last] / total, 0.0, 1.0)
+    # no more than the uniform share (the mean, up to rounding): not where the model looked
+    rank[values <= total / len(values) * (1 + 1e-6)] = 0.0
+    out[finite] = rank
+    return out
+
+
+def is_mass_rank(data: np.ndarray) -> bool:
+    """Whether a raster already holds display values (a mass rank or a combination of them).
+
+    Parameters
+    ----------
+    data : np.ndarray
+        A raster.
+
+    Returns
+    -------
+    bool
+        True when every finite value lies in [0, 1] and the maximum is exactly 1 (the top
+        cell of any mass rank). A raw probability map meets this only when one cell holds
+        all the attention, and then its mass rank is itself.
+    """
+    values = np.asarray(data)
+    values = values[np.isfinite(values)]
+    return bool(values.size) and float(values.min()) >= 0.0 and float(values.max()) == 1.0
+
+
+def clip_to_slide(
+    data: np.ndarray, box: Sequence[float], slide_dims: Sequence[int]
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Cut a map exactly to the slide.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        ``(h, w)`` map covering ``box``.
+    box : (x0, y0, x1, y1)
+        Level-0 box of the map (pixel edges).
+    slide_dims : (width, height)
+        Level-0 size of the slide.
+
+    Returns
+    -------
+    (data, box)
+        A map whose box is ``box`` ∩ the slide: resampled (nearest, each new cell takes the
+        map cell under its centre) onto a grid of about the same cell size that covers that
+        box exactly, so no cell reaches past the slide's edge. The map itself when it lies on
+        the slide, or when it does not overlap the slide at all.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width, height = (float(v) for v in slide_dims)
+    cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)
+    if not (cx1 > cx0 and cy1 > cy0) or (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+        return data, (x0, y0, x1, y1)
+    h, w = data.shape
+    sx, sy = (x1 - x0) / w, (y1 - y0) / h
+    cols = max(1, round((cx1 - cx0) / sx))
+    rows = max(1, round((cy1 - cy0) / sy))
+    centres_x = cx0 + (np.arange(cols) + 0.5) * (cx1 - cx0) / cols
+    centres_y = cy0 + (np.arange(rows) + 0.5) * (cy1 - cy0) / rows
+    j = np.clip(np.floor((centres_x - x0) / sx).astype(int), 0, w - 1)
+    i = np.clip(np.floor((centres_y - y0) / sy).astype(int), 0, h - 1)
+    return data[np.ix_(i, j)], (cx0, cy0, cx1, cy1)
+
+
+def _placement(
+    data: np.ndarray, box: Sequence[float], mpp: Sequence[float] | None
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    x0, y0, x1, y1 = box
+    h, w = data.shape
+    sx, sy = (x1 - x0) / w, (y1 - y0) / h
+    mx, my = mpp_or_unit(mpp)
+    return (sy * my, sx * mx), ((y0 + sy / 2.0) * my, (x0 + sx / 2.0) * mx)
+
+
+def _raw_limits(data: np.ndarray) -> tuple[float, float]:
+    finite = data[np.isfinite(data)]
+    top = float(finite.max()) if finite.size else 0.0
+    bottom = float(finite.min()) if finite.size else 0.0
+    if top > bottom:
+        return (bottom, top)
+    return (0.0, top if top > 0 else 1.0)
+
+
 def attention_layer_data(
     amap: np.ndarray,
     box: Sequence[float],
     mpp: Sequence[float] | None,
     slide_dims: Sequence[int] | None = None,
+    *,
+    mass_rank: bool = True,
 ) -> AttentionLayerData:
     """Place an attention map covering the level-0 ``box`` on the slide.
-
-    With ``slide_dims`` ``(width, height)``, map pixels whose centres fall outside the slide
-    (the black padding of a square frame around a non-square slide) are cropped away; the box
-    shrinks to the kept pixels' edges, so the placement stays exact.
 
     Parameters
     ----------
@@ -69,12 +202,17 @@ def attention_layer_data(
     mpp : (mpp_x, mpp_y) or None
         The slide's µm per level-0 pixel.
     slide_dims : (width, height), optional
-        Level-0 size of the slide, to crop the map to it.
+        Level-0 size of the slide: the map is cut exactly to it (:func:`clip_to_slide`).
+    mass_rank : bool
+        Show the map's attention mass rank (:func:`attention_mass_rank`, computed over the
+        whole map before the cut), unless the map already holds display values
+        (:func:`is_mass_rank`: a layer written to a file and read back); else the raw
+        values.
 
     Returns
     -------
     AttentionLayerData
-        The (cropped) map with its box, napari ``scale``/``translate`` and contrast limits.
+        The map with its box, napari ``scale``/``translate`` and contrast limits.
     """
     data = np.asarray(amap, dtype=np.float32)
     if data.ndim != 2 or data.size == 0:
@@ -82,32 +220,18 @@ def attention_layer_data(
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (x1 > x0 and y1 > y0) or not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise ValueError(f"attention box {tuple(box)} is not a finite box with area")
-    h, w = data.shape
-    sx, sy = (x1 - x0) / w, (y1 - y0) / h
+    if mass_rank and not is_mass_rank(data):
+        data = attention_mass_rank(data)
+    placed_box = (x0, y0, x1, y1)
     if slide_dims is not None:
-        width, height = (float(v) for v in slide_dims)
-        j0 = max(math.ceil((0.0 - x0) / sx - 0.5), 0)
-        j1 = min(math.floor((width - x0) / sx - 0.5) + 1, w)
-        i0 = max(math.ceil((0.0 - y0) / sy - 0.5), 0)
-        i1 = min(math.floor((height - y0) / sy - 0.5) + 1, h)
-        if j1 > j0 and i1 > i0 and (i0, i1, j0, j1) != (0, h, 0, w):
-            data = data[i0:i1, j0:j1]
-            x0, x1 = x0 + j0 * sx, x0 + j1 * sx
-            y0, y1 = y0 + i0 * sy, y0 + i1 * sy
-    mx, my = mpp_or_unit(mpp)
-    finite = data[np.isfinite(data)]
-    top = float(finite.max()) if finite.size else 0.0
-    bottom = float(finite.min()) if finite.size else 0.0
-    if top > bottom:
-        limits = (bottom, top)
-    else:
-        limits = (0.0, top if top > 0 else 1.0)
+        data, placed_box = clip_to_slide(data, placed_box, slide_dims)
+    scale, translate = _placement(data, placed_box, mpp)
     return AttentionLayerData(
-        data=np.ascontiguousarray(data),
-        box=(x0, y0, x1, y1),
-        scale=(sy * my, sx * mx),
-        translate=((y0 + sy / 2.0) * my, (x0 + sx / 2.0) * mx),
-        contrast_limits=limits,
+        data=np.ascontiguousarray(data, dtype=np.float32),
+        box=placed_box,
+        scale=scale,
+        translate=translate,
+        contrast_limits=(0.0, 1.0) if mass_rank else _raw_limits(data),
     )
 
 
@@ -118,15 +242,14 @@ def composite_attention(
     slide_dims: Sequence[int] | None = None,
     max_side: int = 2048,
 ) -> AttentionLayerData:
-    """All attention maps of one magnifying layer as one raster.
+    """All attention maps of one magnifying layer as one raster of attention mass rank.
 
-    A single map is placed as it is (:func:`attention_layer_data`, raw values). Several maps —
-    they overlap: a frozen patch's frame is its parent's — are each cropped to the slide,
-    stretched to [0, 1] between their own minimum and maximum (a constant map becomes 0.5),
-    resampled (nearest) onto one grid exactly covering the union of their boxes, and combined
-    by taking the maximum where they overlap; 0 where no map lies. The grid pixel is about
-    the finest map pixel, coarsened when needed so the raster's longer side is at most
-    ``max_side``. Contrast limits are then ``(0, 1)``.
+    A single map is placed as it is (:func:`attention_layer_data`). Several maps — they
+    overlap: a frozen patch's frame is its parent's — are each turned into their mass rank,
+    cut to the slide, resampled (nearest) onto one grid exactly covering the union of their
+    boxes, and combined by taking the maximum where they overlap; 0 where no map lies. The
+    grid pixel is about the finest map pixel, coarsened when needed so the raster's longer
+    side is at most ``max_side``.
 
     Parameters
     ----------
@@ -137,14 +260,14 @@ def composite_attention(
     mpp : (mpp_x, mpp_y) or None
         The slide's µm per level-0 pixel.
     slide_dims : (width, height), optional
-        Level-0 size of the slide (maps are cropped to it).
+        Level-0 size of the slide (maps are cut to it).
     max_side : int
         Longest side of the combined raster, in pixels.
 
     Returns
     -------
     AttentionLayerData
-        One raster and its placement.
+        One raster, contrast limits ``(0, 1)``, and its placement.
     """
     maps = [np.asarray(m, dtype=np.float32) for m in maps]
     boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
@@ -166,11 +289,7 @@ def composite_attention(
     cx = x0 + (np.arange(cols) + 0.5) * gx
     cy = y0 + (np.arange(rows) + 0.5) * gy
     for p in placed:
-        d = p.data
-        finite = d[np.isfinite(d)]
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 0.0
-        norm = (np.nan_to_num(d, nan=lo) - lo) / (hi - lo) if hi > lo else np.full_like(d, 0.5)
+        d = np.nan_to_num(p.data, nan=0.0)
         bx0, by0, bx1, by1 = p.box
         h, w = d.shape
         c0, c1 = np.searchsorted(cx, bx0, "left"), np.searchsorted(cx, bx1, "left")
@@ -179,14 +298,10 @@ def composite_attention(
             continue
         jm = np.clip(((cx[c0:c1] - bx0) / ((bx1 - bx0) / w)).astype(int), 0, w - 1)
         im = np.clip(((cy[r0:r1] - by0) / ((by1 - by0) / h)).astype(int), 0, h - 1)
-        np.maximum(out[r0:r1, c0:c1], norm[np.ix_(im, jm)], out=out[r0:r1, c0:c1])
-    mx, my = mpp_or_unit(mpp)
+        np.maximum(out[r0:r1, c0:c1], d[np.ix_(im, jm)], out=out[r0:r1, c0:c1])
+    scale, translate = _placement(out, (x0, y0, x1, y1), mpp)
     return AttentionLayerData(
-        data=out,
-        box=(x0, y0, x1, y1),
-        scale=(gy * my, gx * mx),
-        translate=((y0 + gy / 2.0) * my, (x0 + gx / 2.0) * mx),
-        contrast_limits=(0.0, 1.0),
+        data=out, box=(x0, y0, x1, y1), scale=scale, translate=translate, contrast_limits=(0.0, 1.0)
     )
 
 

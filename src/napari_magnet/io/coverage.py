@@ -1,8 +1,10 @@
 """The coverage grid: which tissue each magnifying layer looked at, and which it never examined.
 
 Pure numpy. :func:`tissue_mask` finds tissue on a thumbnail, :func:`coverage_map` marks each
-cell of a coarse grid over the slide with the deepest layer whose regions cover it, and
-:func:`coverage_placement` lays the grid over the slide in napari world µm.
+cell of a coarse grid over the slide with the deepest layer whose regions cover it,
+:func:`coverage_placement` lays the grid over the slide in napari world µm, and
+:func:`coverage_colors` / :func:`coverage_legend` give its colours and the legend that names
+them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "UNEXAMINED",
     "coverage_colors",
     "coverage_grid_shape",
+    "coverage_legend",
     "coverage_map",
     "coverage_placement",
     "coverage_summary",
@@ -243,6 +246,41 @@ def coverage_summary(coverage: np.ndarray) -> dict[str, float]:
     return out
 
 
+#: Named colours of the layers in a coverage grid (shallow → deep), and of unexamined tissue.
+COVERAGE_PALETTE: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("blue", (0.23, 0.30, 0.75)),
+    ("teal", (0.13, 0.57, 0.55)),
+    ("green", (0.42, 0.76, 0.24)),
+    ("yellow", (0.99, 0.91, 0.14)),
+)
+UNEXAMINED_COLOR = ("red", (0.85, 0.10, 0.10))
+
+
+def _layer_palette(n_layers: int) -> list[tuple[str, tuple[float, float, float]]]:
+    """Named colours of layers 1 … n: palette entries spread from blue to yellow (blends
+    between neighbouring entries beyond four layers)."""
+    n = max(int(n_layers), 1)
+    last = len(COVERAGE_PALETTE) - 1
+    if n <= len(COVERAGE_PALETTE):
+        picks = [0] if n == 1 else [int(np.floor(k * last / (n - 1) + 0.5)) for k in range(n)]
+        return [COVERAGE_PALETTE[i] for i in picks]
+    out = []
+    for k in range(n):
+        pos = k * last / (n - 1)
+        lo = min(int(math.floor(pos)), last - 1)
+        t = pos - lo
+        a, b = np.array(COVERAGE_PALETTE[lo][1]), np.array(COVERAGE_PALETTE[lo + 1][1])
+        name = (
+            COVERAGE_PALETTE[lo][0]
+            if t < 0.1
+            else COVERAGE_PALETTE[lo + 1][0]
+            if t > 0.9
+            else f"{COVERAGE_PALETTE[lo][0]}-{COVERAGE_PALETTE[lo + 1][0]}"
+        )
+        out.append((name, tuple(float(v) for v in a + (b - a) * t)))
+    return out  # type: ignore[return-value]
+
+
 def coverage_colors(n_layers: int) -> dict[int, tuple[float, float, float, float]]:
     """The colours of a coverage grid's values.
 
@@ -254,18 +292,35 @@ def coverage_colors(n_layers: int) -> dict[int, tuple[float, float, float, float
     Returns
     -------
     dict of int to RGBA
-        Layer 1 … ``n_layers`` from dim blue to bright yellow-green, :data:`UNEXAMINED`
-        tissue red, 0 transparent.
+        Layer 1 … ``n_layers`` from blue (shallowest) to yellow (deepest) through
+        :data:`COVERAGE_PALETTE`, :data:`UNEXAMINED` tissue red, 0 transparent.
     """
-    n = max(int(n_layers), 1)
-    stops = np.array([[0.23, 0.30, 0.75], [0.13, 0.57, 0.55], [0.99, 0.91, 0.14]])
     colors: dict[int, tuple[float, float, float, float]] = {0: (0.0, 0.0, 0.0, 0.0)}
-    for k in range(1, n + 1):
-        t = (k - 1) / max(n - 1, 1)
-        pos = t * (len(stops) - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, len(stops) - 1)
-        rgb = stops[lo] + (stops[hi] - stops[lo]) * (pos - lo)
-        colors[k] = (float(rgb[0]), float(rgb[1]), float(rgb[2]), 1.0)
-    colors[UNEXAMINED] = (0.85, 0.10, 0.10, 1.0)
+    for k, (_, rgb) in enumerate(_layer_palette(n_layers), start=1):
+        colors[k] = (*rgb, 1.0)
+    colors[UNEXAMINED] = (*UNEXAMINED_COLOR[1], 1.0)
     return colors
+
+
+def coverage_legend(n_layers: int) -> str:
+    """The legend of a coverage grid, naming its colours.
+
+    Parameters
+    ----------
+    n_layers : int
+        Number of magnifying layers.
+
+    Returns
+    -------
+    str
+        Three short lines (they fit a narrow canvas), e.g. ``"Coverage — deepest layer that
+        looked:\nL1 blue · L2 green · L3 yellow\nred: tissue never examined · clear:
+        glass"``.
+    """
+    layers = " · ".join(
+        f"L{k} {name}" for k, (name, _) in enumerate(_layer_palette(n_layers), start=1)
+    )
+    return (
+        f"Coverage — deepest layer that looked:\n{layers}\n"
+        f"{UNEXAMINED_COLOR[0]}: tissue never examined · clear: glass"
+    )

@@ -397,6 +397,7 @@ class RoiTable:
             "level": [int(v) for v in self.levels],
             "attention_mass": [float(v) for v in self.attention_mass],
             "aux_probability": [float(v) for v in self.aux_probability],
+            "probability": [float(v) for v in self.probability],
             "class": list(self.classes),
             "review": list(self.reviews),
         }
@@ -412,8 +413,8 @@ class RoiTable:
         Returns
         -------
         RoiLayerData
-            World ``(row, col)`` rectangles, the :meth:`to_features` table and the lineage
-            colours.
+            World ``(row, col)`` rectangles, the :meth:`to_features` table (the slide
+            probability included, so hovering an ROI can show it) and the lineage colours.
         """
         outlines = [self.outline(i) for i in range(len(self))]
         colors = np.array([rgb_to_rgba(branch_color(r)) for r in self.ids]).reshape(-1, 4)

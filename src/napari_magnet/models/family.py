@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Family",
+    "TrainOption",
     "TrainingTask",
     "families",
     "family_of",
@@ -92,6 +93,34 @@ class TrainingTask(Protocol):
         """Restore what :meth:`extra_state` returned."""
 
 
+@dataclass(frozen=True)
+class TrainOption:
+    """A training option of one family: ``napari-magnet train --<name with dashes>``.
+
+    The trainer passes its value to the family's task as ``options.family_options[name]``
+    (the default when not given).
+
+    Attributes
+    ----------
+    name : str
+        Python name, e.g. ``"ats_learning"`` (the flag is ``--ats-learning``).
+    default : object
+        Value when the option is not given.
+    help : str
+        One line for ``--help``.
+    type : callable
+        Converts the command-line text.
+    choices : tuple, optional
+        The values allowed.
+    """
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[Any, ...] | None = None
+
+
 def _one_step(model: Any) -> int:
     return 1
 
@@ -120,6 +149,8 @@ class Family:
         Model → number of ``MagnifyStep`` records a run yields.
     final_layer : callable, optional
         Model → the step holding the final ROIs; the last step when omitted.
+    train_options : tuple of TrainOption
+        Options of the family's training (``napari-magnet train`` flags).
     order : int
         Listing order among families (lower first).
     description : str
@@ -135,6 +166,7 @@ class Family:
     adjustable_patches: bool = False
     expected_steps: Callable[[Any], int] = _one_step
     final_layer: Callable[[Any], int] | None = None
+    train_options: tuple[TrainOption, ...] = ()
     order: int = 100
     description: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -1,15 +1,13 @@
 """Pixel backends: one class per format family behind one small interface.
 
-OpenSlide reads every supported format and is the reference for correctness. For the tiled-TIFF
-family (SVS, generic tiled TIFF, OME-TIFF) :class:`TiffTileBackend` reads compressed tiles with
-``os.pread`` (no shared file position, so threads never serialise on a seek) and decodes them
-with tifffile's own decoder (imagecodecs underneath), skipping OpenSlide's RGBA composition.
-Vendor quirks (which files take the fast path) are decided in :func:`choose_backend` only.
+OpenSlide reads every supported format and is the reference for correctness. Levels that
+tifffile decodes exactly like OpenSlide (SVS, generic tiled TIFF and OME-TIFF, the stored
+levels of NDPI) go through :class:`~.direct.TiffTileBackend` instead, which skips OpenSlide's
+ARGB composition; :mod:`.direct` holds every vendor quirk that decides which levels those are.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -17,10 +15,8 @@ from typing import Protocol
 import numpy as np
 import openslide
 
+from .direct import DIRECT_VENDORS, TiffTileBackend
 from .errors import SlideError
-
-# Formats whose OpenSlide levels are exactly tifffile's first series levels.
-TIFF_FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 
 class PixelBackend(Protocol):
@@ -28,6 +24,10 @@ class PixelBackend(Protocol):
 
     name: str
     tile_sizes: tuple[tuple[int, int], ...]  # (tile_w, tile_h) per level; (0, 0) when untiled
+    #: True when the backend reads any rectangle at a cost per pixel returned (OpenSlide
+    #: composites each one): the pyramid then asks for what a window needs, one rectangle per
+    #: row of cache units. False when it decodes whole tiles: each is a parallel job.
+    merge_reads: bool
 
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Return ``(height, width, 3)`` uint8 RGB; the window lies inside the level."""
@@ -56,6 +56,7 @@ class OpenSlideBackend:
     """
 
     name = "openslide"
+    merge_reads = True
 
     def __init__(self, path: Path, background: tuple[int, int, int]) -> None:
         self.path = path
@@ -109,71 +110,51 @@ class OpenSlideBackend:
             handle.close()
 
 
-class TiffTileBackend:
-    """Direct tile decoding for tiled TIFF pyramids whose levels match OpenSlide's."""
+class LevelBackends:
+    """Each level served by its own backend: the direct path where it is exact, else OpenSlide.
 
-    name = "tifffile"
+    The pyramid reads each level through ``level_backends[level]`` (and its ``merge_reads``).
 
-    def __init__(
-        self,
-        path: Path,
-        level_dimensions: tuple[tuple[int, int], ...],
-        background: tuple[int, int, int],
-    ) -> None:
-        import tifffile
+    Parameters
+    ----------
+    direct : TiffTileBackend
+        Serves the levels in its ``pages``.
+    fallback : OpenSlideBackend
+        Serves every other level.
+    """
 
-        self.path = path
-        self.background = np.asarray(background, dtype=np.uint8)
-        self._tif = tifffile.TiffFile(str(path))
-        try:
-            levels = self._tif.series[0].levels
-            if len(levels) != len(level_dimensions):
-                raise ValueError("level count differs from OpenSlide's")
-            self._pages = []
-            for series, (w, h) in zip(levels, level_dimensions):
-                page = series.keyframe
-                if series.shape[:2] != (h, w) or not page.is_tiled or page.samplesperpixel < 3:
-                    raise ValueError("level geometry differs from OpenSlide's")
-                if page.bitspersample != 8 or len(series.pages) != 1:
-                    raise ValueError("not an 8-bit single-plane RGB level")
-                self._pages.append(page)
-            self.tile_sizes = tuple((p.tilewidth, p.tilelength) for p in self._pages)
-            self._fd = os.open(str(path), os.O_RDONLY)
-        except Exception:
-            self._tif.close()
-            raise
+    def __init__(self, direct: TiffTileBackend, fallback: OpenSlideBackend) -> None:
+        self.direct, self.fallback = direct, fallback
+        count = len(fallback.tile_sizes)
+        self.level_backends: tuple[PixelBackend, ...] = tuple(
+            direct if level in direct.pages else fallback for level in range(count)
+        )
+        self.tile_sizes = tuple(
+            direct.tile_sizes[level] if level in direct.pages else fallback.tile_sizes[level]
+            for level in range(count)
+        )
+        self.name = f"{direct.name}+{fallback.name}"
 
-    def _decode_tile(self, page, index: int) -> np.ndarray | None:
-        count = page.databytecounts[index]
-        if count == 0:
-            return None
-        data = os.pread(self._fd, count, page.dataoffsets[index])
-        try:
-            tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-        except Exception as error:  # imagecodecs raises codec-specific types
-            raise SlideError(self.path, f"pixels cannot be decoded: {error}") from error
-        return tile[0, :, :, :3]
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """The backend name of each level."""
+        return tuple(b.name for b in self.level_backends)
 
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        page = self._pages[level]
-        tw, th = page.tilewidth, page.tilelength
-        tiles_across = -(-page.imagewidth // tw)
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        for ty in range(y // th, (y + height - 1) // th + 1):
-            for tx in range(x // tw, (x + width - 1) // tw + 1):
-                tile = self._decode_tile(page, ty * tiles_across + tx)
-                oy0, ox0 = max(ty * th, y), max(tx * tw, x)
-                oy1, ox1 = min((ty + 1) * th, y + height), min((tx + 1) * tw, x + width)
-                target = out[oy0 - y : oy1 - y, ox0 - x : ox1 - x]
-                if tile is None:
-                    target[...] = self.background
-                else:
-                    target[...] = tile[oy0 - ty * th : oy1 - ty * th, ox0 - tx * tw : ox1 - tx * tw]
-        return out
+        return self.level_backends[level].read_level(level, x, y, width, height)
 
     def close(self) -> None:
-        self._tif.close()
-        os.close(self._fd)
+        try:
+            self.direct.close()
+        finally:
+            self.fallback.close()
+
+
+def level_backends(backend: PixelBackend, level_count: int) -> tuple[PixelBackend, ...]:
+    """The backend that reads each level (the same one for all but a :class:`LevelBackends`)."""
+    if isinstance(backend, LevelBackends):
+        return backend.level_backends
+    return (backend,) * level_count
 
 
 def choose_backend(
@@ -183,22 +164,47 @@ def choose_backend(
     background: tuple[int, int, int],
     prefer: str = "auto",
 ) -> PixelBackend:
-    """Pick the fastest backend that reads ``path`` exactly like OpenSlide.
+    """Pick, level by level, the fastest backend that reads ``path`` exactly like OpenSlide.
 
     Parameters
     ----------
+    path : Path
+        The slide file.
+    vendor : str or None
+        OpenSlide's ``openslide.vendor``; the direct path is tried for
+        :data:`~.direct.DIRECT_VENDORS` only.
+    level_dimensions : tuple of (width, height)
+        OpenSlide's levels.
+    background : tuple of int
+        RGB that transparent or missing pixels are composited on.
     prefer : {"auto", "openslide", "tifffile"}
-        ``"auto"`` takes the direct TIFF path for the tiled-TIFF family and OpenSlide
-        otherwise; the others force one (``"tifffile"`` raises when it cannot serve the file).
+        ``"auto"`` takes the direct path for every level it serves exactly and OpenSlide for
+        the others; ``"openslide"`` forces OpenSlide; ``"tifffile"`` forces the direct path
+        and raises when it cannot serve every level.
+
+    Returns
+    -------
+    PixelBackend
+        A :class:`~.direct.TiffTileBackend` (every level direct), an
+        :class:`OpenSlideBackend`, or a :class:`LevelBackends` mixing both.
     """
     if prefer not in ("auto", "openslide", "tifffile"):
         raise ValueError(f"unknown backend {prefer!r}; use 'auto', 'openslide' or 'tifffile'")
-    if prefer == "tifffile" or (prefer == "auto" and vendor in TIFF_FAST_VENDORS):
+    if prefer == "tifffile" or (prefer == "auto" and vendor in DIRECT_VENDORS):
+        direct = None
         try:
-            backend = TiffTileBackend(path, level_dimensions, background)
-            backend.read_level(len(level_dimensions) - 1, 0, 0, 1, 1)  # probe the codec
-            return backend
+            direct = TiffTileBackend(path, level_dimensions, background)
+            direct.probe()
+            if prefer == "tifffile" and direct.problems:
+                raise ValueError("; ".join(direct.problems))
         except Exception as error:  # noqa: BLE001 - any mismatch falls back to OpenSlide
+            if direct is not None:
+                direct.close()
+                direct = None
             if prefer == "tifffile":
                 raise SlideError(path, f"cannot be read tile by tile: {error}") from error
+        if direct is not None:
+            if len(direct.pages) == len(level_dimensions):
+                return direct
+            return LevelBackends(direct, OpenSlideBackend(path, background))
     return OpenSlideBackend(path, background)

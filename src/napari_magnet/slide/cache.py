@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -21,6 +21,9 @@ def default_cache_bytes() -> int:
 
 class ChunkCache:
     """Least-recently-used cache bounded in bytes.
+
+    Values are numpy arrays or anything else with ``nbytes`` and ``setflags`` (the pyramid
+    keeps parts of units for OpenSlide's levels); the bound counts their ``nbytes``.
 
     Concurrent misses of the same key decode once: the first caller decodes while the others
     wait on a per-key lock, so napari's parallel chunk loads never decode a tile twice.
@@ -54,6 +57,42 @@ class ChunkCache:
             self._items.clear()
             self._bytes = 0
 
+    def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, np.ndarray]:
+        """The cached arrays among ``keys`` (a hit for each), under one lock acquisition."""
+        found: dict[Hashable, np.ndarray] = {}
+        with self._lock:
+            items = self._items
+            for key in keys:
+                value = items.get(key)
+                if value is not None:
+                    items.move_to_end(key)
+                    found[key] = value
+            self.hits += len(found)
+        return found
+
+    def put(
+        self,
+        key: Hashable,
+        value: np.ndarray,
+        replace: bool | Callable[[np.ndarray], bool] = False,
+    ) -> None:
+        """Store ``value`` (made read-only) and count a miss.
+
+        Parameters
+        ----------
+        key : hashable
+            Cache key.
+        value : numpy.ndarray
+            Anything with ``nbytes`` and ``setflags`` (a unit's pixels, or a part of them).
+        replace : bool or callable
+            Whether a value already cached under ``key`` gives way to this one: a bool, or a
+            function of the cached value (else the cached one stays).
+        """
+        value.setflags(write=False)
+        with self._lock:
+            self.misses += 1
+        self._store(key, value, replace)
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """Return the cached array for ``key``, computing and storing it on a miss."""
         with self._lock:
@@ -80,12 +119,16 @@ class ChunkCache:
                     self._pending.pop(key, None)
             return value
 
-    def _store(self, key: Hashable, value: np.ndarray) -> None:
+    def _store(self, key: Hashable, value: np.ndarray, replace=False) -> None:
         size = value.nbytes
-        if size > self.max_bytes:
-            return
         with self._lock:
-            if key in self._items:
+            old = self._items.get(key)
+            if old is not None:
+                if not (replace(old) if callable(replace) else replace):
+                    return
+                del self._items[key]
+                self._bytes -= old.nbytes
+            if size > self.max_bytes:
                 return
             self._items[key] = value
             self._bytes += size

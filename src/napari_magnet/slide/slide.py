@@ -11,11 +11,11 @@ import dask.array as da
 import numpy as np
 import openslide
 
-from .backends import PixelBackend, choose_backend, composite_on_background
+from .backends import PixelBackend, choose_backend, composite_on_background, level_backends
 from .cache import ChunkCache, default_cache_bytes
 from .errors import SlideError
 from .geometry import SlideGeometry
-from .pyramid import LevelReader, chunk_size, level_arrays
+from .pyramid import LevelReader, chunk_size, level_arrays, unit_size
 
 SLIDE_SUFFIXES = (
     ".svs",
@@ -108,20 +108,25 @@ class Slide:
         self._backend: PixelBackend = choose_backend(
             self.path, self.vendor, self.level_dimensions, self.background, prefer=backend
         )
-        self._readers = [
-            LevelReader(
-                self._backend,
-                self.cache,
-                level,
-                w,
-                h,
-                (chunk_size(tw), chunk_size(th)),
-                key=id(self),
+        per_level = level_backends(self._backend, self.level_count)
+        self._readers = []
+        for level, ((w, h), (tw, th)) in enumerate(
+            zip(self.level_dimensions, self._backend.tile_sizes)
+        ):
+            strips = not per_level[level].merge_reads  # whole tiles only: strips stay whole
+            unit = (unit_size(tw, strips), unit_size(th, strips))
+            self._readers.append(
+                LevelReader(
+                    per_level[level],
+                    self.cache,
+                    level,
+                    w,
+                    h,
+                    unit,
+                    (chunk_size(unit[0]), chunk_size(unit[1])),
+                    key=id(self),
+                )
             )
-            for level, ((w, h), (tw, th)) in enumerate(
-                zip(self.level_dimensions, self._backend.tile_sizes)
-            )
-        ]
         self._probe()
 
     def _probe(self) -> None:
@@ -144,7 +149,13 @@ class Slide:
 
     @property
     def backend_name(self) -> str:
+        """``"tifffile"``, ``"openslide"``, or ``"tifffile+openslide"`` when levels differ."""
         return self._backend.name
+
+    @property
+    def level_backends(self) -> tuple[str, ...]:
+        """The backend that reads each level (see :mod:`napari_magnet.slide.direct`)."""
+        return tuple(r.backend.name for r in self._readers)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -209,6 +220,7 @@ class Slide:
             "level_downsamples": self.level_downsamples,
             "tile_sizes": self.tile_sizes,
             "backend": self.backend_name,
+            "level_backends": self.level_backends,
             "properties": dict(self.properties),
             "associated_images": list(self.associated_images),
         }

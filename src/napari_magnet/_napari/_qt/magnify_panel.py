@@ -90,6 +90,9 @@ class MagnifyPanel(QGroupBox):
         self.slide_combo.setToolTip("Slide layers opened with napari-magnet")
         self.slide_combo.currentIndexChanged.connect(self._on_slide_changed)
         form.addRow("Slide", self.slide_combo)
+        # the slide line: size, pixel size, levels — or why there is no slide to magnify
+        self.slide_info_label = _wrapping_label()
+        form.addRow(self.slide_info_label)
 
         self.model_combo = QComboBox()
         for name in model_choices():
@@ -186,6 +189,10 @@ class MagnifyPanel(QGroupBox):
                 self.slide_combo.setCurrentIndex(i)
                 return
         raise ValueError(f"{getattr(layer, 'name', layer)!r} is not a slide layer here")
+
+    def show_slide_info(self, text: str) -> None:
+        """Set the slide line (under the slide list)."""
+        self.slide_info_label.setText(text)
 
     def _on_slide_changed(self, _index: int) -> None:
         self._update_controls()

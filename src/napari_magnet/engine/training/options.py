@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,9 @@ class TrainOptions:
         Fraction of each lesion class held out for validation (0 disables validation).
     seed : int
         Initial weights, split, shuffling, augmentation and sampling.
-    ats_learning : {"expectation", "reinforce"}
-        How an attention-sampling model learns its attention (read by that family's task).
-    entropy_weight : float
-        λ of REINFORCE's entropy regulariser (read by the attention-sampling family's task).
+    family_options : mapping of str to object
+        Options of the model family's training (its ``Family.train_options``, e.g. how an
+        attention-sampling model learns its attention); a missing one takes its default.
     augment : bool
         Random flips and 90° rotations.
     exclude_classes : tuple of str
@@ -72,8 +72,7 @@ class TrainOptions:
     resume: str | os.PathLike | None = None
     val_fraction: float = 0.2
     seed: int = 0
-    ats_learning: str = "expectation"
-    entropy_weight: float = 0.01
+    family_options: Mapping[str, Any] = field(default_factory=dict)
     augment: bool = True
     exclude_classes: tuple[str, ...] = ()
     workers: int = 0
@@ -93,6 +92,7 @@ class TrainOptions:
             if d[k] is not None:
                 d[k] = str(d[k])
         d["exclude_classes"] = list(self.exclude_classes)
+        d["family_options"] = dict(self.family_options)
         return d
 
 

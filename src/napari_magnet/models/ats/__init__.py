@@ -54,7 +54,7 @@ from .config import ATS_CONFIGS, ATSConfig, ats_config
 from .magnify import magnify_attention_sampling
 from .model import ATSOutput, AttentionNet, AttentionSampling, FeatureNet, build_ats, gumbel_top_k
 from .reads import SlideReads
-from .training import ATSTask
+from .training import TRAIN_OPTIONS, ATSTask
 
 __all__ = [
     "ATS_CONFIGS",
@@ -100,6 +100,7 @@ FAMILY = register_family(
         training_task=ATSTask,
         adjustable_patches=True,
         expected_steps=_steps,
+        train_options=TRAIN_OPTIONS,
         order=20,
         description="attention sampling: patches drawn where a low-resolution attention looks",
     ),

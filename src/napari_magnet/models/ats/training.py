@@ -2,7 +2,7 @@
 
 Two Adams (lr 1e-3; the attention one with betas (0.999, 0.999)); the attention learns
 through the expectation estimator by default, or by REINFORCE (running baseline, entropy
-regularisation) with ``options.ats_learning == "reinforce"``. Sampled centres are mapped
+regularisation) with the family option ``ats_learning="reinforce"``. Sampled centres are mapped
 back through the slide's augmentation before reading, and each patch transformed with it.
 """
 
@@ -14,12 +14,31 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.batches import SlideBatch, amp_dtype, uint8_to_float
+from ..family import TrainOption
 from .estimators import EMABaseline, make_attention_optimizer, reinforce_attention_loss
 from .reads import SlideReads
 
-__all__ = ["DEFAULT_LR", "ATSTask"]
+__all__ = ["DEFAULT_LR", "TRAIN_OPTIONS", "ATSTask", "family_option"]
 
 DEFAULT_LR = 1e-3
+
+#: The family's ``napari-magnet train`` options.
+TRAIN_OPTIONS = (
+    TrainOption(
+        "ats_learning",
+        "expectation",
+        "how an attention-sampling model learns its attention",
+        choices=("expectation", "reinforce"),
+    ),
+    TrainOption("entropy_weight", 0.01, "REINFORCE entropy regularisation weight", type=float),
+)
+_DEFAULTS = {option.name: option.default for option in TRAIN_OPTIONS}
+
+
+def family_option(options: Any, name: str) -> Any:
+    """The value of this family's training option ``name`` in ``options`` (its default when
+    the run did not set it)."""
+    return dict(getattr(options, "family_options", None) or {}).get(name, _DEFAULTS[name])
 
 
 class ATSTask:
@@ -36,22 +55,21 @@ class ATSTask:
     """
 
     def __init__(self, model, options: Any, device: torch.device) -> None:
-        if options.ats_learning not in ("expectation", "reinforce"):
-            raise ValueError(
-                f"ats_learning must be 'expectation' or 'reinforce', got {options.ats_learning!r}"
-            )
+        learning = family_option(options, "ats_learning")
+        if learning not in ("expectation", "reinforce"):
+            raise ValueError(f"ats_learning must be 'expectation' or 'reinforce', got {learning!r}")
         self.model = model
         self.device = device
         self.cfg = model.config
         self.sizes = (self.cfg.view_size,)
-        self.mode = options.ats_learning
+        self.mode = learning
         lr = DEFAULT_LR if options.lr is None else float(options.lr)
         self.optimizers = {
             "attention": make_attention_optimizer(model.attention_parameters(), lr=lr),
             "classifier": torch.optim.Adam(model.classifier_parameters(), lr=lr),
         }
         self.schedule_enabled = False
-        self.entropy_weight = float(options.entropy_weight)
+        self.entropy_weight = float(family_option(options, "entropy_weight"))
         self.baseline = EMABaseline(0.9)
         self.parts = ("classification", "attention")
 
