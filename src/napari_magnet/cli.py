@@ -1,4 +1,5 @@
-"""The ``napari-magnet`` command: demo, view, info, synth, models, magnify, train, evaluate.
+"""The ``napari-magnet`` command: demo, view, info, synth, models, magnify, train, evaluate,
+patch, embed, batch.
 
 Heavy imports (torch, napari) happen inside the verbs that need them.
 """

@@ -313,3 +313,12 @@ def test_layer_types_and_metadata_of_a_run(setup, qtbot):
         assert isinstance(lyr, (Shapes, Image, Labels))
         assert lyr.metadata["slide_path"] == slide.metadata["path"]
         assert lyr.metadata["mpp"] == tuple(slide.metadata["mpp"])
+
+
+def test_importing_an_empty_collection_adds_an_empty_layer(setup, tmp_path):
+    viewer, widget, slide = setup
+    empty = tmp_path / "annotations.geojson"
+    empty.write_text('{"type": "FeatureCollection", "features": []}')
+    layer = widget.import_geojson(str(empty))
+    assert layer is not None and layer.nshapes == 0
+    assert layer in viewer.layers

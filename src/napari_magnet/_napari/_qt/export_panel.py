@@ -96,7 +96,8 @@ class ExportPanel(QGroupBox):
         """Add a GeoJSON file (QuPath's or ours) onto the current slide as a Shapes layer.
 
         Coordinates are checked against the slide's size; any problem is reported with
-        ``show_error`` and nothing is added.
+        ``show_error`` and nothing is added. A file with no features (an exported empty
+        collection) adds an empty layer to draw in.
 
         Returns
         -------
@@ -121,8 +122,6 @@ class ExportPanel(QGroupBox):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = load_geojson(path, max_extent=slide_layer.metadata["slide"].dimensions)
-            if not result.annotations:
-                raise GeoJSONError(f"{path}: no area annotations in the file")
         except GeoJSONError as exc:
             show_error(f"napari-magnet: cannot import: {exc}")
             return None
