@@ -203,7 +203,15 @@ def test_ats_run_and_a_second_run_replaces_the_first(setup, qtbot):
     run_and_wait(qtbot, widget, "ats")
     (rois2,) = ours(viewer, "rois")
     assert rois2.nshapes == 7 and rois2.name == "CMU-1-Small-Region · L1 ROIs"
-    assert not first & set(viewer.layers)
+    # the second run's results replace the first's (written into the same layers: no stall)
+    tag = widget.last_runs[slide.metadata["path"]].tag
+    assert len(ours(viewer, "rois")) == 1 and len(ours(viewer, "attention")) == 1
+    assert all(
+        layer_info(lyr)["run"] == tag for lyr in ours(viewer, "rois") + ours(viewer, "attention")
+    )
+    assert first >= set(ours(viewer, "rois") + ours(viewer, "attention")) or not first & set(
+        viewer.layers
+    )
     assert len(ours(viewer, "coverage")) == 1
 
 

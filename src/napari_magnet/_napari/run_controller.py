@@ -482,8 +482,8 @@ class RunController:
         if run.closed:
             return
         run.closed = True
+        run.cancel_event.set()  # a worker still working stops at its next step boundary
         if not run.finished:
-            run.cancel_event.set()
             self._stopping.append(run)
         outcome = "failed"
         if run.alive and run.result is not None:
