@@ -41,8 +41,14 @@ setup: system-deps $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/napari-magnet demo
 
+# The dask.distributed tests run in processes of their own: a LocalCluster leaves state in the
+# process that started it which changes later float results (being investigated).
+DASK_TESTS := tests/engine/test_cohort_run.py tests/test_cli_batch.py
+
 test: setup
-	$(XVFB) $(PY) -m pytest -p no:cacheprovider
+	$(XVFB) $(PY) -m pytest -p no:cacheprovider $(addprefix --ignore=,$(DASK_TESTS))
+	$(PY) -m pytest -p no:cacheprovider tests/engine/test_cohort_run.py
+	$(PY) -m pytest -p no:cacheprovider tests/test_cli_batch.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

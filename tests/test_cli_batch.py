@@ -65,8 +65,9 @@ def test_batch_exports_every_slide_reports_failures_and_resumes(
     theirs = json.loads((serial / "result.json").read_text())
     assert ours["result"]["probability"] == theirs["result"]["probability"]
     assert float(rows[1]["probability"]) == pytest.approx(ours["result"]["probability"], abs=1e-6)
-    assert json.loads((folder / "rois.geojson").read_text()) == json.loads(
-        (serial / "rois.geojson").read_text()
+    # dask workers run torch on one thread: coordinates agree to float rounding, not bits
+    assert _rounded(json.loads((folder / "rois.geojson").read_text())) == _rounded(
+        json.loads((serial / "rois.geojson").read_text())
     )
 
     # resumed on an existing cluster: finished slides are skipped, their probability kept
@@ -111,3 +112,14 @@ def test_evaluate_on_a_scheduler_equals_the_serial_evaluation(cohort, scheduler,
         }
     probabilities = [(s["path"], s["probability"]) for s in ours["slides"]]
     assert probabilities == [(s["path"], s["probability"]) for s in theirs["slides"]]
+
+
+def _rounded(value, places: int = 3):
+    """JSON with every float rounded (level-0 pixels: 1/1000 px)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, places) for v in value]
+    if isinstance(value, float):
+        return round(value, places)
+    return value

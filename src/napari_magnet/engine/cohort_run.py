@@ -162,6 +162,15 @@ def default_workers(gpu: bool, slides: int | None = None) -> int:
     return max(1, min(n, slides)) if slides else max(1, n)
 
 
+#: Variables distributed sets in the parent process for its workers.
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MALLOC_TRIM_THRESHOLD_",
+)
+
+
 @contextlib.contextmanager
 def cohort_client(
     scheduler: str | None = None, workers: int | None = None, *, gpu: bool = False
@@ -195,13 +204,24 @@ def cohort_client(
             yield client
         return
     n = workers or default_workers(gpu)
-    with (
-        LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    # distributed sets OMP_NUM_THREADS=1 (and friends) in this process's environment for its
+    # worker processes and leaves them there: every later subprocess would run torch on one
+    # thread. Put the caller's environment back once the cluster is gone.
+    saved = {name: os.environ.get(name) for name in _THREAD_ENV}
+    try:
+        with (
+            LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _error_text(error: BaseException) -> str:

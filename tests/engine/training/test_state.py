@@ -33,7 +33,8 @@ def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, 
     """A real Ctrl-C (SIGINT) during epoch 2, then --resume: same result as no interruption."""
     run = tmp_path / "interrupted"
     args = train_args(cohort_csv, run, "--model", "magnet3-lite", "--epochs", "2", "--no-augment")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the same torch threads as this process (a float sum's order depends on them)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen(
         [sys.executable, "-m", "napari_magnet.cli", *args],
         env=env,
