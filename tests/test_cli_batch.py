@@ -123,3 +123,35 @@ def _rounded(value, places: int = 3):
     if isinstance(value, float):
         return round(value, places)
     return value
+
+
+def test_embed_on_a_scheduler_matches_the_serial_verb(cohort, scheduler, tmp_path, capsys):
+    """``embed --scheduler``: one task per bag; the features equal the serial verb's, a
+    broken bag is reported and the rest finish, and a second run skips every finished bag."""
+    import h5py
+    import numpy as np
+
+    slides = [str(p) for p in sorted(cohort.glob("slide_*.tif"))]
+    bags = tmp_path / "bags"
+    patch = ["patch", *slides, "--out", str(bags), "--mpp", "8,4", "--patch-size", "32"]
+    assert main([*patch, "--quiet"]) == 0
+    embed = ["embed", "--patches", str(bags), "--encoder", "torchvision:resnet18"]
+    embed += ["--device", "cpu", "--dtype", "float32", "--batch-size", "16", "--quiet"]
+    assert main([*embed, "--out", str(tmp_path / "serial")]) == 0
+    broken = bags / "slide_9999.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    rc = main([*embed, "--out", str(tmp_path / "dask"), "--scheduler", scheduler])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "3 written, 0 skipped, 1 failed" in captured.out
+    assert "slide_9999.h5" in captured.err
+    for name in (Path(s).stem + ".h5" for s in slides):
+        with h5py.File(tmp_path / "serial" / name) as a, h5py.File(tmp_path / "dask" / name) as b:
+            for level in a.attrs["levels"]:
+                np.testing.assert_allclose(
+                    b[f"{level}/features"][()], a[f"{level}/features"][()], rtol=1e-4, atol=1e-5
+                )
+    broken.unlink()
+    rc = main([*embed, "--out", str(tmp_path / "dask"), "--workers", "1"])
+    assert rc == 0
+    assert "0 written, 3 skipped, 0 failed" in capsys.readouterr().out

@@ -129,15 +129,17 @@ def cmd_magnify(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models.family import families
-    from .models.registry import DEMO_CHECKPOINT
+    from .models.registry import family_of_spec, shipped_checkpoints
 
     for family in families():
         trainable = "trainable" if family.training_task is not None else "inference only"
         print(f"{family.architecture}: {family.description} ({trainable})")
         for name in family.configs:
             print(f"  {name}")
-    if DEMO_CHECKPOINT.is_file():
-        print(f"demo: the shipped checkpoint {DEMO_CHECKPOINT}")
+    for name, path in shipped_checkpoints().items():
+        family = family_of_spec(name)
+        kind = f"a trained {family.architecture} model, " if family is not None else ""
+        print(f"{name}: {kind}the shipped checkpoint {path}")
     return 0
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "add_batch_parser",
     "add_scheduler_options",
     "evaluate_on_cluster",
+    "report_outcome",
     "run_batch",
     "run_patch_cohort",
 ]
@@ -75,7 +76,8 @@ def add_batch_parser(verbs, func) -> argparse.ArgumentParser:
     return ba
 
 
-def _report(outcome, quiet: bool) -> None:
+def report_outcome(outcome, quiet: bool) -> None:
+    """One line per slide as its outcome arrives (failures on stderr, always)."""
     if outcome.status == "failed":
         print(f"failed: {outcome.slide}: {outcome.error}", file=sys.stderr)
     elif not quiet:
@@ -97,7 +99,7 @@ def run_patch_cohort(args: argparse.Namespace, options) -> int:
             client,
             retries=args.retries,
             progress=not args.quiet,
-            on_outcome=lambda o: _report(o, args.quiet),
+            on_outcome=lambda o: report_outcome(o, args.quiet),
         )
     print(counts(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
@@ -140,7 +142,7 @@ def run_batch(args: argparse.Namespace) -> int:
             client,
             retries=args.retries,
             progress=not args.quiet,
-            on_outcome=lambda o: _report(o, args.quiet),
+            on_outcome=lambda o: report_outcome(o, args.quiet),
         )
     path = write_summary(out / "summary.csv", outcomes)
     print(f"{counts(outcomes)}; summary in {path}")
@@ -148,7 +150,7 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def _evaluated(outcome, total: int, report) -> None:
-    _report(outcome, True)
+    report_outcome(outcome, True)
     if report is not None:
         report(0, total, outcome.values.get("evaluation"))
 

@@ -148,6 +148,8 @@ def test_after_a_run_attention_is_visible_cut_to_the_slide_and_explained(run_vie
     text = describe_hovered_roi(viewer, rect.mean(axis=0))
     assert text is not None and text.startswith("ROI ") and "layer 3" in text
     assert "attention mass" in text and "pyramid level" in text
+    # the live run's result reaches its ROIs: hovering shows the slide probability too
+    assert " · p = " in text
     assert slide.help == text
     describe_hovered_roi(viewer, (-1e6, -1e6))
     assert slide.help == own_help

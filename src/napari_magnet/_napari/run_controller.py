@@ -64,6 +64,7 @@ from .layers import (
     layer_kind,
     layers_of,
     set_coverage_layer,
+    set_roi_probability,
 )
 from .run_worker import (
     ModelLoaded,
@@ -521,9 +522,11 @@ class RunController:
         self.remove_layers_later(old)
         if run.coverage is not None:
             self.queue.push(lambda: self._show_coverage(run))
+        probability = None if run.result is None else run.result.probability
         for layer in run.layers:
             if layer_kind(layer) == "rois":
                 mark_committed(layer)
+                set_roi_probability(layer, probability)  # hovering an ROI shows p
         # plain names once the previous run's layers are gone
         self.queue.push(lambda: self._rename(run))
         self.last_runs[run.slide_path] = run

@@ -5,7 +5,8 @@ with :func:`napari_magnet.io.atomic.atomic_path`, so a killed run leaves the old
 new one, never half of one)::
 
     /                       attrs: format="napari-magnet-bag", format_version=1,
-                            slide_name, slide_file, level0_width, level0_height,
+                            slide_name, slide_file, slide_path (absolute, when patched),
+                            level0_width, level0_height,
                             mpp_x, mpp_y, mpp_source, patch_size, magnifications (µm/px,
                             coarsest first), levels (group names), tissue_level,
                             tissue_fraction, config (JSON: what made it), created_by

@@ -42,9 +42,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomFeaturesWarning)
-        encoder = build_encoder(args.encoder, args.weights, device=device, seed=args.seed)
+        encoder = build_encoder(args.encoder, args.weights, device="cpu", seed=args.seed)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
+    if args.scheduler or args.workers:
+        return _embed_on_cluster(args, bags)
+    encoder.module.to(device)
     bar = tqdm(total=len(bags), unit="bag", disable=args.quiet)
 
     def report(outcome) -> None:
@@ -64,15 +67,52 @@ def cmd_embed(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         slides_dir=args.slides,
-        workers=args.workers,
+        workers=args.read_threads,
     )
     bar.close()
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+def _embed_on_cluster(args: argparse.Namespace, bags: list[Path]) -> int:
+    """``embed --scheduler/--workers``: one dask task per bag file; exit 1 if any failed."""
+    from ..cli_cohort import report_outcome
+    from ..engine.cohort_run import cohort_client, counts, default_workers, run_cohort
+    from ..engine.cohort_tasks import EmbedTask
+
+    weights = None if args.weights is None else str(Path(args.weights).resolve())
+    task = EmbedTask(
+        str(Path(args.out).resolve()),
+        args.encoder,
+        weights,
+        args.device,
+        args.batch_size,
+        args.dtype,
+        None if args.slides is None else str(Path(args.slides).resolve()),
+        args.seed,
+        args.overwrite,
+        gpu=args.device != "cpu",
+    )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    paths = [str(p.resolve()) for p in bags]
+    workers = args.workers or min(len(paths), default_workers(task.gpu))
+    with cohort_client(args.scheduler, workers, gpu=task.gpu) as client:
+        outcomes = run_cohort(
+            task,
+            paths,
+            client,
+            retries=args.retries,
+            progress=not args.quiet,
+            on_outcome=lambda o: report_outcome(o, args.quiet),
+        )
+    print(counts(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def add_embed_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``embed`` verb to the command's sub-parsers."""
+    from ..cli_cohort import add_scheduler_options
+
     em = verbs.add_parser("embed", help="patch embeddings of bag files (features per mpp)")
     em.add_argument("--patches", required=True, help="folder of bag files (napari-magnet patch)")
     em.add_argument(
@@ -88,10 +128,11 @@ def add_embed_parser(verbs: argparse._SubParsersAction) -> argparse.ArgumentPars
     em.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     em.add_argument("--batch-size", type=_positive_int, default=64)
     em.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    em.add_argument("--workers", type=_positive_int, help="reading threads (CPU count, ≤ 8)")
+    em.add_argument("--read-threads", type=_positive_int, help="reading threads (CPU count, ≤ 8)")
     em.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     em.add_argument("--seed", type=int, default=0, help="initialisation seed without weights")
     em.add_argument("--overwrite", action="store_true", help="embed bags with features too")
     em.add_argument("--quiet", action="store_true")
+    add_scheduler_options(em)
     em.set_defaults(func=cmd_embed)
     return em

@@ -43,6 +43,7 @@ __all__ = [
     "embed_bags",
     "embed_level",
     "find_slide",
+    "has_features_of",
     "summary",
 ]
 
@@ -78,7 +79,8 @@ class EmbedOutcome:
 
 
 def find_slide(bag: Bag, slides_dir: str | Path | None = None) -> Path:
-    """The slide a bag was made from: ``slide_file`` in ``slides_dir``, else beside the bag.
+    """The slide a bag was made from: ``slide_file`` in ``slides_dir``, else where it was
+    when the bag was made (``slide_path``), else beside the bag.
 
     Raises
     ------
@@ -89,6 +91,9 @@ def find_slide(bag: Bag, slides_dir: str | Path | None = None) -> Path:
     if not name:
         raise BagError(bag.path, "the bag records no slide file")
     places = [Path(slides_dir)] if slides_dir is not None else []
+    recorded = bag.attrs.get("slide_path")
+    if recorded and Path(str(recorded)).name == str(name):
+        places.append(Path(str(recorded)).parent)
     if bag.path is not None:
         places.append(bag.path.parent)
     for place in places:
@@ -201,6 +206,16 @@ def _same_grids(a: Path, b: Path) -> bool:
         )
 
 
+def has_features_of(bag_path: Path, output: Path, config_hash: str) -> bool:
+    """Whether ``output`` already holds ``bag_path``'s grids with features of ``config_hash``
+    at every magnification (the bag is then skipped on a resumed run)."""
+    return (
+        output.exists()
+        and _has_features(output, config_hash)
+        and (output.resolve() == bag_path.resolve() or _same_grids(bag_path, output))
+    )
+
+
 def _copy_bag(source: Path, output: Path) -> None:
     """Copy ``source`` onto ``output`` atomically unless it already holds the same grids."""
     if output.exists() and output.resolve() == source.resolve():
@@ -272,12 +287,7 @@ def embed_bag(
         problems = validate_bag(bag_path)
         if problems:
             raise BagError(bag_path, "; ".join(problems))
-        if (
-            not overwrite
-            and output.exists()
-            and _has_features(output, config_hash)
-            and (output.resolve() == bag_path.resolve() or _same_grids(bag_path, output))
-        ):
+        if not overwrite and has_features_of(bag_path, output, config_hash):
             seconds = time.perf_counter() - start_time
             return EmbedOutcome(bag_path, output, "skipped", seconds=seconds)
         bag = read_bag(bag_path, features=False)

@@ -152,6 +152,7 @@ def make_bag(slide: Slide, options: PatchOptions) -> tuple[Bag, dict[str, dict]]
     levels = nested_grid(plans, slide.dimensions, mask, options.tissue.min_fraction)
     attrs = {
         "slide_file": slide.requested_path.name,
+        "slide_path": str(Path(slide.requested_path).resolve()),
         "mpp_source": source,
         "patch_size": int(options.patch_size),
         "tissue_level": int(mask.level),

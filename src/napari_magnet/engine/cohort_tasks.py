@@ -21,9 +21,10 @@ from typing import Any
 from ..bags.patching import PatchOptions, bag_path_for, patch_slide
 from .cohort_run import TaskOutcome, worker_device
 
-__all__ = ["EvaluateTask", "MagnifyTask", "PatchTask", "run_folder_for"]
+__all__ = ["EmbedTask", "EvaluateTask", "MagnifyTask", "PatchTask", "run_folder_for"]
 
 _MODELS: dict[tuple[str, str, int], Any] = {}  # per worker process: loaded once
+_ENCODERS: dict[tuple, Any] = {}  # per worker process: built once
 
 
 def _model(name: str, device: str) -> Any:
@@ -278,4 +279,99 @@ class EvaluateTask:
         values = {"probability": outcome.probability, "evaluation": outcome}
         return TaskOutcome(
             str(slide), str(slide), "written", time.perf_counter() - start, "", values
+        )
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    """Embed one bag file into ``<out_dir>/<bag name>`` (``embed --scheduler/--workers``).
+
+    The "slide" of this task is the bag file's path. Each worker process builds the encoder
+    once (from its name and weights file, which must be at the same path on every worker).
+
+    Parameters
+    ----------
+    out_dir : str
+        Folder of the bag files with features (the bags' own folder: in place).
+    encoder : str
+        Encoder name (:func:`napari_magnet.bags.encoders.build_encoder`).
+    weights : str or None
+        Its weights file.
+    device : str
+        ``"auto"`` (a GPU per worker when present), ``"cpu"``, ``"cuda"``.
+    batch_size : int
+        Patches per forward pass.
+    dtype : str
+        ``"float16"`` or ``"float32"``.
+    slides_dir : str or None
+        Where the slides are looked for first.
+    seed : int
+        Initialisation seed of an encoder without weights.
+    overwrite : bool
+        Embed again bags that hold features of this configuration.
+    """
+
+    out_dir: str
+    encoder: str
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    dtype: str = "float16"
+    slides_dir: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    gpu: bool = True
+
+    def _encoder(self) -> Any:
+        import warnings
+
+        from ..bags.encoders import RandomFeaturesWarning, build_encoder
+
+        device = worker_device(self.device)
+        key = (self.encoder, self.weights, device, self.seed)
+        if key not in _ENCODERS:
+            with warnings.catch_warnings():  # the caller warned once already
+                warnings.simplefilter("ignore", RandomFeaturesWarning)
+                _ENCODERS[key] = build_encoder(
+                    self.encoder, self.weights, device=device, seed=self.seed
+                )
+        return _ENCODERS[key]
+
+    def output_for(self, slide: str) -> Path:
+        """``<out_dir>/<bag name>``."""
+        return Path(self.out_dir) / Path(slide).name
+
+    def done(self, slide: str) -> bool:
+        """The output holds features of this encoder configuration for the same grids."""
+        from ..bags.embedding import has_features_of
+
+        if self.overwrite:
+            return False
+        config_hash = self._encoder().config_hash(dtype=self.dtype)
+        return has_features_of(Path(slide), self.output_for(slide), config_hash)
+
+    def recorded(self, slide: str) -> dict[str, Any]:
+        """Nothing beyond the file itself."""
+        return {}
+
+    def run(self, slide: str) -> TaskOutcome:
+        """:func:`~napari_magnet.bags.embedding.embed_bag` (which returns failures) as a
+        :class:`TaskOutcome`; first removes what a dead attempt may have left."""
+        from ..bags.embedding import embed_bag
+
+        output = self.output_for(slide)
+        for stale in output.parent.glob(f".{output.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        encoder = self._encoder()
+        o = embed_bag(
+            slide,
+            encoder,
+            batch_size=self.batch_size,
+            output=output,
+            slides_dir=self.slides_dir,
+            dtype=self.dtype,
+            overwrite=self.overwrite,
+        )
+        return TaskOutcome(
+            str(slide), str(o.output), o.status, o.seconds, o.reason, {"patches": o.patches}
         )

@@ -7,7 +7,8 @@ configuration's factory under a fixed torch seed (in a forked RNG, so the caller
 is untouched), so two loads give identical weights. A model to be saved/loaded exposes
 ``architecture`` (str) and ``config.to_dict()`` (see :mod:`.checkpoints`).
 
-``"demo"`` is the checkpoint shipped at ``napari_magnet/weights/demo.safetensors`` (+ ``.json``).
+The shipped checkpoints (:data:`SHIPPED`) load by name: ``"demo"`` (MagNet) and
+``"zoommil-demo"`` (ZoomMIL), under ``napari_magnet/weights/`` (``.safetensors`` + ``.json``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .family import Family, families, get_family, named_config
 __all__ = [
     "DEFAULT_SEED",
     "DEMO_CHECKPOINT",
+    "SHIPPED",
     "build_architecture",
     "family_of_spec",
     "known_architectures",
@@ -40,22 +42,34 @@ __all__ = [
     "listed_models",
     "load_model",
     "resolve_device",
+    "shipped_checkpoints",
 ]
 
 DEFAULT_SEED = 0
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "demo.safetensors"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+#: Checkpoints that may ship with the package: name → weights file (the JSON lies beside it).
+SHIPPED: dict[str, Path] = {
+    "demo": WEIGHTS_DIR / "demo.safetensors",
+    "zoommil-demo": WEIGHTS_DIR / "zoommil-demo.safetensors",
+}
+DEMO_CHECKPOINT = SHIPPED["demo"]
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """The shipped checkpoints present in this installation, name → weights file."""
+    return {name: path for name, path in SHIPPED.items() if path.is_file()}
 
 
 def known_models() -> list[str]:
     """Names :func:`load_model` accepts (besides checkpoint paths)."""
-    return sorted(name for family in families() for name in family.configs) + ["demo"]
+    return sorted(name for family in families() for name in family.configs) + list(SHIPPED)
 
 
 def listed_models() -> list[str]:
-    """Model names in the order a user is offered them: ``"demo"`` first when it is shipped,
-    then each family's named configurations in family order."""
+    """Model names in the order a user is offered them: the shipped checkpoints present
+    first, then each family's named configurations in family order."""
     names = [name for family in families() for name in family.configs]
-    return (["demo"] if DEMO_CHECKPOINT.is_file() else []) + names
+    return list(shipped_checkpoints()) + names
 
 
 def known_architectures() -> list[str]:
@@ -79,7 +93,7 @@ def family_of_spec(spec: str | os.PathLike) -> Family | None:
     found = named_config(key)
     if found is not None:
         return found[0]
-    path = str(DEMO_CHECKPOINT) if key == "demo" else key
+    path = str(SHIPPED[key]) if key in SHIPPED else key
     try:
         meta = json.loads(checkpoint_paths(path)[1].read_text(encoding="utf-8"))
         return get_family(str(meta.get("architecture")))
@@ -130,7 +144,8 @@ def load_model(
     ----------
     name_or_path : str or Path
         A registered name (``"magnet3"``, ``"magnet4"``, ``"magnet3-lite"``, ``"ats"`` …;
-        random init under ``seed``), ``"demo"`` (the shipped checkpoint), or a checkpoint path
+        random init under ``seed``), a shipped checkpoint (``"demo"``, ``"zoommil-demo"``), or a
+        checkpoint path
         (either file of a ``.safetensors`` + ``.json`` pair).
     device : str or torch.device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
@@ -166,15 +181,15 @@ def load_model(
         return model.to(dev).eval()
     if weights is not None:
         raise ValueError("weights= applies to a named model; a checkpoint path carries its own")
-    if isinstance(name_or_path, str) and key == "demo":
-        if not DEMO_CHECKPOINT.is_file():
+    if isinstance(name_or_path, str) and key in SHIPPED:
+        path = SHIPPED[key]
+        if not path.is_file():
             raise CheckpointError(
-                f"{DEMO_CHECKPOINT}: the demo model has not been trained and shipped with "
-                f"this installation yet; use 'magnet3-lite' (random weights) or a checkpoint "
-                f"path"
+                f"{path}: the {key!r} model has not been trained and shipped with this "
+                f"installation yet; use a named model (random weights) or a checkpoint path"
             )
-        model = load_checkpoint(DEMO_CHECKPOINT, device=dev)
-        model.model_name = "demo"
+        model = load_checkpoint(path, device=dev)
+        model.model_name = key
         return model
     if not isinstance(name_or_path, str) or _looks_like_path(key):
         return load_checkpoint(key, device=dev)
