@@ -1,8 +1,8 @@
 """Run every benchmark and write benchmarks/RESULTS.md.
 
 Usage: ``python -m benchmarks.run [name ...]`` (names: the ``bench_*`` modules without the
-prefix; default all but ``learn``, which generates and trains on hundreds of slides and runs
-through ``make bench-learn``). Each module exposes ``run() -> list[Section] | None``; None means the
+prefix; default all but ``learn`` and ``zoommil``, which generate and train on hundreds of
+slides and run through ``make bench-learn``). Each module exposes ``run() -> list[Section] | None``; None means the
 benchmark cannot run on this machine (the GPU one without CUDA) and keeps its recorded figures.
 """
 
@@ -19,7 +19,7 @@ from .common import machine
 HERE = Path(__file__).resolve().parent
 PARTS = HERE / "results"
 ORDER = ["slide", "gui", "magnify", "ats"]
-ON_REQUEST = {"learn"}
+ON_REQUEST = {"learn", "zoommil"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "embed_bag",
     "embed_bags",
     "embed_level",
+    "fill_outside",
     "find_slide",
     "has_features_of",
     "summary",
@@ -103,7 +104,7 @@ def find_slide(bag: Bag, slides_dir: str | Path | None = None) -> Path:
     raise BagError(bag.path, f"slide {name} not found in {where}; give its folder (--slides)")
 
 
-def _fill_outside(
+def fill_outside(
     pixels: torch.Tensor, boxes: np.ndarray, size: tuple[int, int], background: tuple
 ) -> None:
     """Give output pixels whose centre lies past the slide's edge the background colour."""
@@ -161,7 +162,7 @@ def embed_level(
     def read(start: int) -> torch.Tensor:
         chunk = boxes[start : start + batch_size]
         pixels = reader.read(chunk, size).pixels
-        _fill_outside(pixels, chunk, slide.dimensions, slide.background)
+        fill_outside(pixels, chunk, slide.dimensions, slide.background)
         return pixels
 
     autocast = (

@@ -7,12 +7,16 @@
   identity (``torchvision.models.get_model(name, weights=None)``).
 * ``timm:<name>``: any timm model with ``num_classes=0`` (pooled features), when timm is
   installed (an optional dependency).
+* ``napari-small``: a small CNN (:mod:`.small_encoder`) trained on the project's synthetic
+  slides → 128-d; its weights ship with the package and load when no file is given.
 
 Nothing is ever downloaded: weights come from a file the user gives (safetensors, or a torch
-state dict read with ``weights_only=True``). Without one the model is initialised under a
-fixed seed (two builds give identical weights) and a :class:`RandomFeaturesWarning` says the
-features are random. Every encoder takes ``(B, 3, H, W)`` uint8 patches and normalises them
-itself (ImageNet mean and standard deviation unless the model says otherwise).
+state dict read with ``weights_only=True``) or, for an encoder registered with
+``default_weights``, from the file shipped with the package. Without either the model is
+initialised under a fixed seed (two builds give identical weights) and a
+:class:`RandomFeaturesWarning` says the features are random. Every encoder takes
+``(B, 3, H, W)`` uint8 patches and normalises them itself (ImageNet mean and standard
+deviation unless the model says otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .small_encoder import SMALL_MEAN, SMALL_STD, SmallEncoder, shipped_weights
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -142,9 +148,17 @@ class Encoder:
 Builder = Callable[[str], tuple[nn.Module, tuple, tuple, tuple[str, ...]]]
 _REGISTRY: dict[str, tuple[Builder, str]] = {}
 _PREFIXED: dict[str, tuple[Builder, str]] = {}
+# name → the weights file used when none is given (None: not installed)
+_DEFAULT_WEIGHTS: dict[str, Callable[[], Path | None]] = {}
 
 
-def register_encoder(name: str, builder: Builder, description: str, prefix: bool = False) -> None:
+def register_encoder(
+    name: str,
+    builder: Builder,
+    description: str,
+    prefix: bool = False,
+    default_weights: Callable[[], Path | None] | None = None,
+) -> None:
     """Register an encoder builder.
 
     Parameters
@@ -159,8 +173,13 @@ def register_encoder(name: str, builder: Builder, description: str, prefix: bool
         One line for listings.
     prefix : bool
         Register a ``prefix:<name>`` family rather than one name.
+    default_weights : callable, optional
+        Returns the weights file loaded when :func:`build_encoder` is given none (weights
+        shipped with a package), or ``None`` when it is not there.
     """
     (_PREFIXED if prefix else _REGISTRY)[name] = (builder, description)
+    if default_weights is not None and not prefix:
+        _DEFAULT_WEIGHTS[name] = default_weights
 
 
 def known_encoders() -> dict[str, str]:
@@ -212,6 +231,18 @@ register_encoder(
     "resnet50-trunc",
     _resnet50_trunc,
     "ResNet-50 after layer3, average-pooled: 1024-d (CLAM / ZoomMIL)",
+)
+
+
+def _napari_small(_: str) -> tuple[nn.Module, tuple, tuple, tuple[str, ...]]:
+    return SmallEncoder(), SMALL_MEAN, SMALL_STD, ("head.",)
+
+
+register_encoder(
+    "napari-small",
+    _napari_small,
+    "small CNN trained on napari-magnet's synthetic slides: 128-d (shipped)",
+    default_weights=shipped_weights,
 )
 register_encoder("torchvision", _torchvision, "a torchvision model, head removed", prefix=True)
 register_encoder("timm", _timm, "a timm model, num_classes=0 (needs timm)", prefix=True)
@@ -301,11 +332,13 @@ def build_encoder(
     Parameters
     ----------
     name : str
-        ``"resnet50-trunc"``, ``"torchvision:<name>"`` or ``"timm:<name>"``.
+        ``"resnet50-trunc"``, ``"napari-small"``, ``"torchvision:<name>"`` or
+        ``"timm:<name>"``.
     weights : path-like, optional
         A safetensors file or torch state dict for the model (head keys may be present;
-        they are ignored). Without it the features are random and a
-        :class:`RandomFeaturesWarning` is issued.
+        they are ignored). Without it an encoder's shipped weights load (``napari-small``);
+        an encoder without any has random features and a :class:`RandomFeaturesWarning` is
+        issued.
     device : torch.device or str
         Where the module lives.
     seed : int
@@ -322,6 +355,8 @@ def build_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         body, mean, std, ignored = builder(model_name)
+    if weights is None and name in _DEFAULT_WEIGHTS:
+        weights = _DEFAULT_WEIGHTS[name]()
     path = None if weights is None else Path(weights)
     if path is None:
         warnings.warn(

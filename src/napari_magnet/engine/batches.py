@@ -17,7 +17,7 @@ import torch
 
 from .frames import slide_frame
 
-__all__ = ["SlideBatch", "amp_dtype", "uint8_to_float"]
+__all__ = ["RecordBatch", "SlideBatch", "amp_dtype", "uint8_to_float"]
 
 
 def uint8_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -53,3 +53,17 @@ class SlideBatch:
         """Run ``per_slide(b)`` for every slide in parallel and concatenate (batch-major)."""
         parts = list(self.reader_pool.map(per_slide, range(len(self.records))))
         return torch.cat(parts, dim=0)
+
+
+class RecordBatch:
+    """The slides of one step without their pixels, for a task that reads no slide
+    (``task.reads_slides`` false): the records and augmentation ops of a
+    :class:`SlideBatch`, and no slide opened."""
+
+    def __init__(self, records: list, ops: list | None, reader_pool: Any) -> None:
+        self.records = records
+        self.ops = ops
+        self.reader_pool = reader_pool
+
+    def __len__(self) -> int:
+        return len(self.records)

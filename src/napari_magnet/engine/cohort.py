@@ -490,7 +490,8 @@ class SlideDataset:
     records : sequence of SlideRecord
     sizes : sequence of int
         Output sides, e.g. ``(56, 112)`` for MagNet's ``I`` and ``I'``, ``(256,)`` for an
-        attention-sampling view.
+        attention-sampling view. Empty (a model trained from feature bags): ``images`` is
+        empty and the slide is never opened.
     pool : SlidePool
         Where slides are opened (shared with the deeper reads of the training loop).
     """
@@ -508,14 +509,13 @@ class SlideDataset:
         from .frames import slide_frame
 
         record = self.records[index]
+        item = {"label": torch.tensor(float(record.label)), "index": torch.tensor(index)}
+        if not self.sizes:
+            return {"images": [], **item}
         slide, reader = self.pool.get(record.path)
         frame, visible = slide_frame(slide)
         images = []
         for size in self.sizes:
             batch = reader.read(frame, int(size), visible)
             images.append(torch.from_numpy(batch.images[0]).permute(2, 0, 1).contiguous())
-        return {
-            "images": images,
-            "label": torch.tensor(float(record.label)),
-            "index": torch.tensor(index),
-        }
+        return {"images": images, **item}

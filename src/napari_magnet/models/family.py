@@ -66,7 +66,26 @@ class TrainingTask(Protocol):
     optimizers : dict of str to torch.optim.Optimizer
         Saved and restored by name with the training state.
     schedule_enabled : bool
-        Whether the learning rate follows the cosine schedule (else it stays constant).
+        Whether the learning rate follows the cosine schedule (else the trainer leaves it as
+        the task sets it: constant, or changed by the task's ``end_epoch``).
+
+    Optional members (the trainer looks for them with ``getattr``; a task without them gets
+    the behaviour in brackets):
+
+    ``reads_slides: bool`` [True]
+        False for a task that reads no pixels (a model trained from feature bags, with empty
+        ``sizes``): no slide is opened, and ``loss`` gets a batch holding only ``records``,
+        ``ops`` and ``reader_pool`` instead of a ``SlideBatch``.
+    ``epoch_order(labels, rng) -> list[int]`` [a uniform permutation]
+        The training slides of one epoch, as indices into the training split (repeats
+        allowed, e.g. class-weighted draws with replacement); ``labels`` is the split's
+        ``(n,)`` int array, ``rng`` a ``numpy.random.Generator`` seeded by ``(seed, epoch)``
+        so a resumed run draws what an uninterrupted one would have. Draw only from ``rng``.
+    ``end_epoch(metrics: dict) -> None`` [nothing]
+        Called after each epoch's validation with the epoch's ``metrics.csv`` row
+        (``train_loss``, ``val_loss`` — NaN without validation —, ``val_auroc``, ``lr`` …),
+        before the training state is saved: e.g. a plateau rule lowering the learning rate,
+        whose state belongs in ``extra_state``.
     """
 
     model: Any
@@ -81,7 +100,8 @@ class TrainingTask(Protocol):
     def loss(
         self, images: list, labels: Any, batch: Any, generator: Any, amp: bool
     ) -> tuple[Any, dict[str, float], Any]:
-        """``(loss, {part: value}, probabilities (B,))`` of one batch (a ``SlideBatch``)."""
+        """``(loss, {part: value}, probabilities (B,))`` of one batch (a ``SlideBatch``; with
+        ``reads_slides`` false, the records only)."""
 
     def backward_step(self, loss: Any, scaler: Any, schedule: Any) -> None:
         """Back-propagate ``loss`` and step the optimizers and the schedule."""

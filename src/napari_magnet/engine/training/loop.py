@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...io.atomic import atomic_write_json
-from ..batches import SlideBatch, amp_dtype
+from ..batches import RecordBatch, SlideBatch, amp_dtype
 from ..cohort import SlideDataset, SlidePool, SlideRecord, class_counts, read_cohort, split_cohort
 from ..evaluation import accuracy, auroc
 from .data import _Loader, epoch_rng, seed_global_torch, seeded_generator, slide_pools
@@ -103,7 +103,16 @@ def _start_model(options: TrainOptions):
         model.model_name = name
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(model_state, strict=True)
-        return model, dataclasses.replace(options, model=name), state_meta, tensors
+        # The family's options of the resumed run hold unless given again (e.g. the folder
+        # a bag-trained model reads its features from).
+        saved = (state_meta.get("options") or {}).get("family_options") or {}
+        family_options = {**saved, **dict(options.family_options)}
+        return (
+            model,
+            dataclasses.replace(options, model=name, family_options=family_options),
+            state_meta,
+            tensors,
+        )
     if warm_start is not None and not options.model:
         model = load_checkpoint(warm_start.weights_path)
         warn(warm_note.format(warm_start.weights_path))
@@ -145,6 +154,7 @@ def _run_epoch(
 
     model = task.model
     model.train(train)
+    reads_slides = bool(getattr(task, "reads_slides", True))
     # The global RNG drives the linearized sampler's jitter: seeded per epoch, a resumed run
     # draws what an uninterrupted one would have.
     seed_global_torch(options.seed, epoch, 4 if train else 5)
@@ -168,7 +178,11 @@ def _run_epoch(
             idx = data["index"].tolist()
             recs = [records[i] for i in idx]
             ops = [Dihedral.random(aug_gen) for _ in recs] if train and options.augment else None
-            batch = SlideBatch(recs, pool, ops, reader_pool)
+            batch = (
+                SlideBatch(recs, pool, ops, reader_pool)
+                if reads_slides
+                else RecordBatch(recs, ops, reader_pool)
+            )
             label = data["label"].float()
             if train:
                 loss, parts, prob = task.loss(
@@ -205,6 +219,20 @@ def _run_epoch(
         probs[:seen],
         labels[:seen],
     )
+
+
+def _epoch_order(task, labels: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """The training slides' order of one epoch: the task's ``epoch_order(labels, rng)``
+    when it has one (e.g. class-weighted draws), else a uniform permutation."""
+    epoch_order = getattr(task, "epoch_order", None)
+    if epoch_order is None:
+        return rng.permutation(len(labels)).tolist()
+    order = [int(i) for i in epoch_order(labels, rng)]
+    if not order or min(order) < 0 or max(order) >= len(labels):
+        raise ValueError(
+            f"the task's epoch_order gave {len(order)} indices, some outside 0..{len(labels) - 1}"
+        )
+    return order
 
 
 def _is_better(candidate: dict[str, float], best: dict[str, Any] | None) -> bool:
@@ -347,11 +375,12 @@ def train(options: TrainOptions) -> TrainResult:
     )
     train_loader = _Loader(train_set, batch_size, options.workers)
     val_loader = _Loader(val_set, batch_size, options.workers)
+    slide_labels = np.array([r.label for r in train_records], dtype=np.int64)
     epoch = first_epoch - 1
     try:
         for epoch in range(first_epoch, options.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
-            order = epoch_rng(options.seed, epoch).permutation(len(train_records)).tolist()
+            order = _epoch_order(task, slide_labels, epoch_rng(options.seed, epoch))
             train_loss, parts, train_probs, train_labels = _run_epoch(
                 task,
                 train_loader,
@@ -408,6 +437,9 @@ def train(options: TrainOptions) -> TrainResult:
             row["seconds"] = time.perf_counter() - t0
             row["cpu_seconds"] = time.process_time() - c0
             history.append(row)
+            end_epoch = getattr(task, "end_epoch", None)
+            if end_epoch is not None:  # before the state is saved: it holds what this changes
+                end_epoch(dict(row))
             metric = {k: row[k] for k in ("val_auroc", "val_accuracy", "val_loss", "train_loss")}
             provenance = {
                 "training": {

@@ -25,7 +25,9 @@ class CosineSchedule:
     total_steps : int
         ``T``, the steps of the whole run (at least 1).
     enabled : bool
-        ``False`` keeps the learning rates constant (a family whose task does not anneal).
+        ``False`` leaves the learning rates alone: they stay as the task set them, or as
+        the task's own rule changes them (e.g. a plateau rule in ``end_epoch``); the
+        schedule then only counts steps.
     """
 
     def __init__(
@@ -52,6 +54,8 @@ class CosineSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * t / self.total_steps))
 
     def _apply(self) -> None:
+        if not self.enabled:
+            return  # the task owns the rates (a resumed one comes back with its optimizer)
         f = self.factor()
         for opt, bases in zip(self.optimizers, self.base_lrs):
             for g, base in zip(opt.param_groups, bases):
