@@ -323,14 +323,23 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
         return run_patch_cohort(args, options)
 
+    from tqdm import tqdm
+
+    # one bar per cohort on a terminal; the per-slide lines go above it
+    bar = tqdm(total=len(args.slides), unit="slide", file=sys.stderr, disable=None)
+
     def report(outcome) -> None:
+        bar.update(1)
         if outcome.status == "failed":
-            print(f"failed: {outcome.slide}: {outcome.reason}", file=sys.stderr)
+            bar.write(f"failed: {outcome.slide}: {outcome.reason}", file=sys.stderr)
         elif not args.quiet:
             counts = " / ".join(str(n) for n in outcome.patches)
-            print(f"{outcome.status}: {outcome.output}" + (f" ({counts})" if counts else ""))
+            bar.write(f"{outcome.status}: {outcome.output}" + (f" ({counts})" if counts else ""))
 
-    outcomes = patch_slides(args.slides, args.out, options, args.overwrite, progress=report)
+    try:
+        outcomes = patch_slides(args.slides, args.out, options, args.overwrite, progress=report)
+    finally:
+        bar.close()
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
