@@ -49,8 +49,8 @@ from ..engine.cohort import read_cohort
 from ..io.atomic import atomic_path, atomic_write_json
 from ..io.coverage import tissue_mask
 from ..slide import open_slide
-from ..synth.layout import _grid_cell, _plan_lesions, _tissue_field
-from ..synth.spec import SyntheticSlideInfo, level_sizes, sidecar_path
+from ..synth.layout import lesion_layout
+from ..synth.spec import SyntheticSlideInfo, sidecar_path
 from ..synth.truth import read_ground_truth
 from .encoders import Normalised
 from .grid import plan_magnifications
@@ -125,14 +125,8 @@ def lesion_fields(info: SyntheticSlideInfo) -> tuple[list, bool]:
         ellipse inscribed in its box, shrunk to 70 %.
     """
     width, height, mpp = info.width, info.height, info.mpp
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(info.seed).spawn(6)]
-    downs = level_sizes(width, height)[1]
     try:
-        cell = _grid_cell(width, height, mpp)
-        tissue = _tissue_field(rngs[1], width, height, cell)
-        renders = _plan_lesions(
-            rngs[2], width, height, mpp, info.label, info.lesion_kind, tissue, cell, downs[-1]
-        )
+        renders = lesion_layout(width, height, mpp, info.seed, info.label, info.lesion_kind)
         exact = len(renders) == len(info.lesions) and all(
             r.lesion.kind == t.kind and np.allclose(r.lesion.box, t.box, atol=1e-3)
             for r, t in zip(renders, info.lesions)

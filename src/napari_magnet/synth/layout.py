@@ -25,7 +25,7 @@ from .spec import (
 )
 from .textures import Canvas, draw_stain, noise, texture_bank
 
-__all__ = ["LesionRender", "Plan", "build_plan"]
+__all__ = ["LesionRender", "Plan", "build_plan", "lesion_layout"]
 
 
 @dataclass
@@ -329,6 +329,38 @@ def _plan_lesions(
             chosen = (width / 2 - (ext[0] + ext[2]) / 2, height / 2 - (ext[1] + ext[3]) / 2)
         out.append(place(*chosen))
     return out
+
+
+def lesion_layout(
+    width: int, height: int, mpp: float, seed: int, label: int, kind: str
+) -> list[LesionRender]:
+    """The lesions of a generated slide, laid out again exactly as :func:`build_plan` did.
+
+    Parameters
+    ----------
+    width, height : int
+        Level-0 size in pixels.
+    mpp : float
+        µm per level-0 pixel.
+    seed : int
+        The slide's seed.
+    label : int
+        1 if the slide carries tumour, else 0.
+    kind : str
+        Its class (``"macro"``, ``"micro"``, ``"itc"`` or ``"negative"``).
+
+    Returns
+    -------
+    list of LesionRender
+        Every lesion (tumour and distractors) with its outline grid.
+    """
+    _, r_tissue, r_lesion, *_ = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)
+    )
+    downs = level_sizes(width, height)[1]
+    cell = _grid_cell(width, height, mpp)
+    tissue = _tissue_field(r_tissue, width, height, cell)
+    return _plan_lesions(r_lesion, width, height, mpp, label, kind, tissue, cell, downs[-1])
 
 
 def build_plan(spec: SyntheticSlideSpec) -> tuple[Plan, int, str]:
