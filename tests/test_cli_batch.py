@@ -82,6 +82,13 @@ def test_batch_exports_every_slide_reports_failures_and_resumes(
     assert (folder / "result.json").stat().st_mtime_ns == stamp
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
 
+    # another model over the same folder redoes the slides: a folder is the model's own
+    other = ["--model", "ats", "--device", "cpu"]
+    rc = main(["batch", str(local / "cohort.csv"), *other, "--out", str(out), "--workers", "1"])
+    assert rc == 1
+    assert [r["status"] for r in _summary(out / "summary.csv")] == ["written", "written", "failed"]
+    assert json.loads((folder / "result.json").read_text())["result"]["model_name"] == "ats"
+
 
 def test_patch_on_a_scheduler_matches_the_serial_verb(cohort, scheduler, tmp_path, capsys):
     slides = [str(p) for p in sorted(cohort.glob("slide_*.tif"))]

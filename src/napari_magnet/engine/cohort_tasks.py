@@ -161,8 +161,20 @@ class MagnifyTask:
         return run_folder_for(slide, self.out_dir)
 
     def done(self, slide: str) -> bool:
-        """The export folder holds a valid ``result.json`` and every file it lists."""
-        return not self.overwrite and _read_result(self.output_for(slide)) is not None
+        """The export folder holds a valid ``result.json`` and every file it lists, made by
+        this model (the same checkpoint and configuration): a folder another model made is
+        redone."""
+        if self.overwrite:
+            return False
+        data = _read_result(self.output_for(slide))
+        if data is None:
+            return False
+        model = self._load(worker_device(self.device))
+        result = data["result"]
+        return (
+            result.get("checkpoint_sha256", "") == getattr(model, "checkpoint_sha256", "")
+            and result.get("config_hash", "") == model.config.config_hash()
+        )
 
     def recorded(self, slide: str) -> dict[str, Any]:
         """The probability of the finished run."""
