@@ -159,10 +159,10 @@ def test_a_run_streams_then_finishes_and_commits(rig, qtbot):
         "fake",
         "fake · coverage",
         "fake · L1 attention",
-        "fake · L1 ROIs",
         "fake · L2 attention",
+        "fake · L1 ROIs",
         "fake · L2 ROIs",
-    ]
+    ]  # every outline above every overlay
     assert all(layer_info(lyr)["committed"] for lyr in viewer.layers if layer_kind(lyr) == "rois")
     status = controller.status
     assert (status.shown, status.expected) == (2, 2)

@@ -171,8 +171,9 @@ def test_magnet_run_adds_layers_step_by_step_aligned_on_the_slide(setup, qtbot):
         )
         # cropped to the slide: every pixel centre lies on it
         assert r0 >= 0 and c0 >= 0 and r1 <= height * mpp_y and c1 <= width * mpp_x
-    # stacking: L1 attention < L1 ROIs < L2 attention < L2 ROIs < …
-    order = [viewer.layers.index(lyr) for pair in zip(att, rois) for lyr in pair]
+    # stacking: L1 attention < L2 attention < … < L1 ROIs < L2 ROIs < …: every outline is
+    # drawn over every overlay
+    order = [viewer.layers.index(lyr) for lyr in [*att, *rois]]
     assert order == sorted(order)
     (cov,) = ours(viewer, "coverage")
     assert isinstance(cov, Labels) and viewer.layers.index(cov) == viewer.layers.index(slide) + 1

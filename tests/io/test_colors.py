@@ -33,3 +33,18 @@ def test_review_style_bold_accepted_thin_grey_rejected():
     np.testing.assert_allclose(edges[0][:3], np.array([200, 0, 0]) / 255)
     assert edges[1][0] == edges[1][1] == edges[1][2]  # grey
     assert faces[1][3] == 0 and faces[0][3] > 0 and faces[2][3] == 0
+
+
+def test_branch_colours_stand_apart_from_the_attention_colours():
+    """An ROI outline must show on the attention map under it: every branch colour, at every
+    depth, is far (RGB distance > 60) from each colour of the overlays' viridis range."""
+    import numpy as np
+    from napari.utils.colormaps import AVAILABLE_COLORMAPS
+
+    viridis = np.asarray(AVAILABLE_COLORMAPS["viridis"].map(np.linspace(0.25, 1.0, 64)))
+    viridis = viridis[:, :3] * 255
+    for root in range(1, 41):
+        for depth in range(1, 4):
+            rid = ".".join([str(root)] + ["1"] * (depth - 1))
+            rgb = np.asarray(branch_color(rid), float)
+            assert np.linalg.norm(viridis - rgb, axis=1).min() > 60, (rid, rgb)

@@ -41,6 +41,10 @@ Design choices
   status bar's help field (:func:`~.roi_display.install_roi_display`). Edges are never wider
   than a fraction of their box, so a region a few pixels wide stays a thin outline.
 * The coverage layer names its colours in the canvas's text overlay while it is shown.
+* Stacking: the slide, its coverage, the attention overlays (layer 1 below layer 2 …), then
+  the ROI layers above every overlay (a deeper layer's maps cover its parents' boxes, so an
+  overlay above layer 1's outlines would hide them), then the user's annotations on top. ROI
+  outlines are opaque, in lineage hues apart from the overlays' viridis.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ def edge_width_for(slide_layer: Any) -> float:
     meta = slide_layer.metadata
     width, height = meta["slide"].dimensions
     mx, my = meta.get("mpp") or (1.0, 1.0)
-    return max(width * mx, height * my) / 700.0
+    return max(width * mx, height * my) / 450.0
 
 
 def _kwargs_units(slide_layer: Any) -> dict:
@@ -289,6 +293,7 @@ def add_roi_layer(
         features=features,
         edge_width=w0,
         face_color=[0, 0, 0, 0],
+        opacity=1.0,  # outlines in their own colour (faces are transparent anyway)
         text=roi_layer_text(layer_no),
         name=name or roi_layer_name(slide_layer, layer_no),
         metadata=meta,

@@ -439,8 +439,15 @@ class RunController:
         self._push(run, lambda: self._step_shown(run))
 
     def _step_shown(self, run: MagnifyRun) -> None:
-        """After a step's layers: the user's drawing layers back on top, progress."""
+        """After a step's layers: the ROI layers above every attention overlay (a deeper
+        layer's maps cover its parents' boxes), the user's drawing layers on top, progress."""
         layers = self.viewer.layers
+        overlays = layers_of(self.viewer, run.slide_path, kinds=("attention",))
+        top = max((layers.index(layer) for layer in overlays), default=-1)
+        rois = sorted(layers_of(self.viewer, run.slide_path, kinds=("rois",)), key=layers.index)
+        if any(layers.index(layer) < top for layer in rois):
+            for layer in rois:  # bottom to top: their own order is kept
+                layers.move(layers.index(layer), len(layers))
         for layer in layers_of(self.viewer, run.slide_path, kinds=("annotations",)):
             i = layers.index(layer)
             if i != len(layers) - 1:

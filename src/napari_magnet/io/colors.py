@@ -24,17 +24,20 @@ __all__ = [
     "rgb_to_rgba",
 ]
 
+#: Branch hues, chosen apart from the attention overlays' viridis (blue-teal-green-yellow):
+#: an outline must stand out on the map under it.
 _BRANCH_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180),  # blue
-    (255, 127, 14),  # orange
-    (44, 160, 44),  # green
     (214, 39, 40),  # red
+    (255, 127, 14),  # orange
     (148, 103, 189),  # purple
-    (23, 190, 207),  # cyan
-    (227, 119, 194),  # pink
-    (188, 189, 34),  # olive
+    (227, 26, 160),  # magenta
     (140, 86, 75),  # brown
+    (247, 129, 191),  # pink
+    (120, 0, 50),  # wine
+    (20, 20, 20),  # black
 )
+#: Hues (0–1) of the branches past the palette: blue-violet through red to orange.
+_HUE_START, _HUE_SPAN = 0.68, 0.42
 
 
 def _hash_unit(text: str) -> float:
@@ -95,10 +98,11 @@ def branch_color(region_id: str) -> tuple[int, int, int]:
     if root.isdigit() and 1 <= int(root) <= len(_BRANCH_PALETTE):
         base = _BRANCH_PALETTE[int(root) - 1]
     elif root.isdigit():
-        # golden-ratio hue walk: neighbouring branch numbers get far-apart hues
-        base = _hsv_rgb(0.11 + int(root) * 0.6180339887, 0.8, 0.85)
+        # golden-ratio walk over the allowed hues: neighbouring branches get far-apart hues
+        walk = (int(root) * 0.6180339887) % 1.0
+        base = _hsv_rgb(_HUE_START + _HUE_SPAN * walk, 0.8, 0.85)
     else:
-        base = _hsv_rgb(_hash_unit(root), 0.8, 0.85)
+        base = _hsv_rgb(_HUE_START + _HUE_SPAN * _hash_unit(root), 0.8, 0.85)
     t = min(0.65, 0.22 * (depth - 1))  # layer 1: the base colour; deeper: lighter
     return tuple(round(c + (255 - c) * t) for c in base)  # type: ignore[return-value]
 
