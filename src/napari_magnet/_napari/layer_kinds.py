@@ -18,6 +18,7 @@ __all__ = [
     "TEXT_COLOR",
     "base_name",
     "is_slide_layer",
+    "layer_id",
     "layer_info",
     "layer_kind",
     "layers_of",
@@ -61,6 +62,20 @@ def slide_path_of(layer: Any) -> str | None:
         return str(meta.get("path"))
     path = meta.get("slide_path")
     return str(path) if path else None
+
+
+def layer_id(layer: Any) -> int:
+    """A key that is the same for every reference to one layer.
+
+    napari hands a plugin's widget a proxy of the viewer, whose ``layers`` yields a new proxy
+    object on every access: ``id()`` and ``is`` then differ for the same layer (equality and
+    hashing are forwarded to it). The key is that of the layer behind the proxy (wrapt's
+    ``__wrapped__``).
+    """
+    inner = getattr(layer, "__wrapped__", None)
+    while inner is not None and inner is not layer:
+        layer, inner = inner, getattr(inner, "__wrapped__", None)
+    return id(layer)
 
 
 def layers_of(

@@ -107,7 +107,7 @@ def keep_selection(viewer: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        if set(layers.selection) != selected or layers.selection.active is not active:
+        if set(layers.selection) != selected or layers.selection.active != active:
             layers.selection.clear()
             layers.selection.update({x for x in selected if x in layers})
             if active is not None and active in layers:

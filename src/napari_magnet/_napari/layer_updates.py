@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .layers import KEY, layer_info, layers_of
+from .layer_kinds import KEY, layer_id, layer_info, layers_of
 
 #: State written in place after the data, by layer type (name, visibility, opacity are kept).
 STATE_KEYS = {
@@ -240,9 +240,9 @@ def reusable_layer(
     exclude : iterable of layers
         Layers already taken (the new run's own).
     """
-    taken = {id(layer) for layer in exclude}
+    taken = {layer_id(layer) for layer in exclude}
     for layer in reversed(layers_of(viewer, slide_path, kinds=(kind,))):
-        if id(layer) in taken or _type_name(layer) != layer_type:
+        if layer_id(layer) in taken or _type_name(layer) != layer_type:
             continue
         if getattr(layer, "multiscale", False) or layer.ndim != 2:
             continue
@@ -350,8 +350,8 @@ def discard_later(viewer: Any, layers: list, reused: list) -> Callable[[], None]
         The layers it updates and their previous content (:func:`snapshot`; ``None``: not
         written into yet, nothing to put back).
     """
-    taken = {id(layer) for layer, _ in reused}
-    added = [lyr for lyr in layers if id(lyr) not in taken and lyr in viewer.layers]
+    taken = {layer_id(layer) for layer, _ in reused}
+    added = [lyr for lyr in layers if layer_id(lyr) not in taken and lyr in viewer.layers]
     restore = [(layer, previous) for layer, previous in reversed(reused) if previous is not None]
     for layer in added:
         layer.visible = False

@@ -124,7 +124,7 @@ def selected_box(viewer: napari.Viewer, slide_layer: Any) -> tuple | None:
     from napari.layers import Shapes
 
     active = viewer.layers.selection.active
-    order = [active] + [lyr for lyr in reversed(viewer.layers) if lyr is not active]
+    order = [active] + [lyr for lyr in reversed(viewer.layers) if lyr != active]
     for layer in order:
         if not isinstance(layer, Shapes) or layer_kind(layer) == "rois":
             continue

@@ -145,7 +145,7 @@ def update_colorbars(viewer: napari.Viewer) -> None:
     for layer in attention:
         colorbar = getattr(layer, "colorbar", None)
         if colorbar is not None:
-            colorbar.visible = bool(shown) and layer is shown[-1]
+            colorbar.visible = bool(shown) and layer == shown[-1]
 
 
 def update_coverage_legend(viewer: napari.Viewer) -> None:

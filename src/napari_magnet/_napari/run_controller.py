@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
+from .layer_kinds import layer_id
 from .layer_queue import DRAIN_DELAY_MS, LayerQueue
 from .layer_updates import (
     discard_later,
@@ -410,11 +411,11 @@ class RunController:
         """The layer ``make(viewer)`` adds, or the previous run's layer it is written into.
         With ``split_adds``, the write, or the first draw of an added layer (shaders, textures:
         it is hidden until then), costs a turn of its own, the next one."""
-        before = {id(lyr) for lyr in self.viewer.layers}
+        before = {layer_id(lyr) for lyr in self.viewer.layers}
         later = partial(self.queue.push_next, owner=run) if self.split_adds else None
         reuse = self.reuse_layers
         layer = show_layer(self.viewer, make, run, kind, layer_type, k, reuse=reuse, defer=later)
-        if later is not None and id(layer) not in before and layer.visible:
+        if later is not None and layer_id(layer) not in before and layer.visible:
             layer.visible = False
             later(lambda: setattr(layer, "visible", True))
         if kind == "rois":
@@ -515,7 +516,7 @@ class RunController:
         self.run_finished.emit(outcome)
 
     def _commit(self, run: MagnifyRun) -> None:
-        mine = {id(layer) for layer in run.layers}
+        mine = {layer_id(layer) for layer in run.layers}
         cover = None
         if run.coverage is not None and self.reuse_layers:
             cover = reusable_layer(
@@ -524,7 +525,7 @@ class RunController:
         old = [
             layer
             for layer in layers_of(self.viewer, run.slide_path, kinds=RUN_KINDS)
-            if id(layer) not in mine and layer is not cover
+            if layer_id(layer) not in mine and (cover is None or layer != cover)
         ]
         self.remove_layers_later(old)
         if run.coverage is not None:
