@@ -5,9 +5,13 @@ cancelled run must leave the first run's results."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from napari_magnet._napari.annotations import sidecar_path
 from napari_magnet._napari.layers import layer_info, layer_kind
+from napari_magnet.io.geojson import PROPERTIES_KEY
 
 RUN_TIMEOUT = 180_000
 
@@ -67,3 +71,14 @@ def test_a_run_from_the_plugins_menu_keeps_its_layers(docked, qtbot, model):
     assert [lyr.name for lyr in viewer.layers] == first
     assert all(lyr.visible for lyr in ours(viewer, "rois"))
     assert slide in viewer.layers
+
+    # reviewing an ROI is saved beside the slide
+    l1 = ours(viewer, "rois")[0]
+    l1.selected_data = {0}
+    widget.set_review("accepted", l1)
+    side = sidecar_path(slide.metadata["path"])
+    saver = widget.autosavers[slide.metadata["path"]]
+    qtbot.waitUntil(lambda: side.exists() and not saver.pending, timeout=20_000)
+    features = json.loads(side.read_text())["features"]
+    reviews = [f["properties"].get(PROPERTIES_KEY, {}).get("review") for f in features]
+    assert reviews.count("accepted") == 1
