@@ -296,3 +296,38 @@ def test_the_loss_falls_when_the_gradient_flows(cohort, tmp_path):
     losses = [row["train_loss"] for row in result.history]
     assert after < 0.7 * before, (before, after, losses)
     assert min(losses[-2:]) < losses[0], losses
+
+
+def test_encoder_weights_of_the_user_train_and_travel_with_the_checkpoint(cohort, tmp_path):
+    """Bags embedded with a weights file of the user's: ``--encoder-weights`` gives the model's
+    encoder the same weights, the checkpoint carries them and records the file's hash, and
+    the reloaded model recognises those bags as its own."""
+    from napari_magnet.bags.embedding import embed_bags
+    from napari_magnet.models.registry import load_model
+
+    csv_path, _, patches = cohort
+    weights = tmp_path / "mine.safetensors"
+    own = build_encoder(CONFIG.encoder).module.state_dict()
+    own = {k.removeprefix("body."): v for k, v in own.items() if k.startswith("body.")}
+    save_file({k: (v * 1.01 if v.is_floating_point() else v) for k, v in own.items()}, weights)
+    encoder = build_encoder(CONFIG.encoder, weights)
+    bags = tmp_path / "bags"
+    outcomes = embed_bags(sorted(patches.glob("*.h5")), bags, encoder, slides_dir=csv_path.parent)
+    assert all(o.status == "written" for o in outcomes)
+    fam = {"bags": str(bags)}
+    with pytest.raises(ValueError, match="other weights"):
+        train(_options(csv_path, tmp_path / "refused", epochs=1, family_options=fam))
+    result = train(
+        _options(
+            csv_path,
+            tmp_path / "run",
+            epochs=1,
+            family_options={**fam, "encoder_weights": str(weights)},
+        )
+    )
+    model = load_model(result.best_checkpoint, device="cpu")
+    assert model.config.encoder_weights == encoder.weights_sha256
+    assert model.encoder_config["weights_sha256"] == encoder.weights_sha256
+    mine = encoder.module.state_dict()
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(tensor, mine[name]), name

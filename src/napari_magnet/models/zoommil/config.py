@@ -51,6 +51,10 @@ class ZoomMILConfig:
     min_tissue : float
         Coarse patches with a smaller tissue fraction are left out of the first bag at
         inference (the same rule as ``napari-magnet patch``).
+    encoder_weights : str or None
+        SHA-256 of the weights file the encoder was given (``train --encoder-weights``);
+        ``None``: the encoder's own default (napari-small's shipped weights). Tells which
+        bag features fit the model.
     """
 
     name: str = "zoommil"
@@ -66,6 +70,7 @@ class ZoomMILConfig:
     samples: int = 100
     n_classes: int = 2
     min_tissue: float = 0.05
+    encoder_weights: str | None = None
 
     def __post_init__(self) -> None:
         mpps = tuple(float(m) for m in self.mpps)
@@ -108,6 +113,8 @@ class ZoomMILConfig:
         d = asdict(self)
         d["mpps"] = list(self.mpps)
         d["k"] = list(self.k)
+        if self.encoder_weights is None:
+            d.pop("encoder_weights")  # configs made before the field keep their hash
         return d
 
     @classmethod
@@ -132,9 +139,21 @@ class ZoomMILConfig:
         return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
 
 
+#: The paper's sizes for real slides: ResNet-50 after layer3 (1024-d; give its weights with
+#: ``train --encoder-weights``), 256 px patches, projections of 512, attention of 256, K = 12.
+_R50 = {
+    "encoder": "resnet50-trunc",
+    "feature_dim": 1024,
+    "patch_size": 256,
+    "hidden": 512,
+    "attention_hidden": 256,
+}
+
 #: Named configurations: ZoomMIL over 8 → 4 → 1 µm/px, and the ABMIL baseline on the 1 µm/px
-#: bag alone.
+#: bag alone — with the shipped napari-small encoder, and with ResNet-50 for real slides.
 ZOOMMIL_CONFIGS: dict[str, ZoomMILConfig] = {
     "zoommil": ZoomMILConfig(),
     "abmil": ZoomMILConfig(name="abmil", mpps=(1.0,), k=()),
+    "zoommil-r50": ZoomMILConfig(name="zoommil-r50", k=(12, 12), **_R50),
+    "abmil-r50": ZoomMILConfig(name="abmil-r50", mpps=(1.0,), k=(), **_R50),
 }

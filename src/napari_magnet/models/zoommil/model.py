@@ -29,6 +29,8 @@ children of patch ``p`` are ``p · c + arange(c)`` at ``m + 1``.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -148,9 +150,12 @@ class ZoomMIL(nn.Module):
         super().__init__()
         config = config or ZoomMILConfig()
         self.config = config
-        encoder = _build_encoder(config.encoder, config.feature_dim, warn_random_encoder)
+        warn = warn_random_encoder and config.encoder_weights is None
+        encoder = _build_encoder(config.encoder, config.feature_dim, warn)
         self.encoder = encoder.module.requires_grad_(False).eval()
         self.encoder_config = dict(encoder.config)
+        if config.encoder_weights is not None:  # the state dict to be loaded carries them
+            self.encoder_config.update(weights_sha256=config.encoder_weights, seed=None)
         d, hidden, att = config.feature_dim, config.hidden, config.attention_hidden
         steps = config.steps
         self.project = nn.ModuleList(
@@ -160,6 +165,28 @@ class ZoomMIL(nn.Module):
         self.attend = nn.ModuleList(GatedAttention(hidden, att) for _ in range(steps))
         self.score = nn.ModuleList(GatedAttention(hidden, att) for _ in range(steps - 1))
         self.classifier = nn.Linear(hidden, config.n_classes)
+
+    def load_encoder_weights(self, path: str | os.PathLike) -> None:
+        """Give the encoder the weights of ``path`` (the file the bags were embedded with);
+        the model's config then records the file's SHA-256.
+
+        Raises
+        ------
+        EncoderError
+            The file is missing or does not fit the encoder.
+        """
+        from ...bags.encoders import build_encoder
+
+        device = next(self.encoder.parameters()).device
+        encoder = build_encoder(self.config.encoder, path, device=device)
+        if encoder.dim != self.config.feature_dim:
+            raise ValueError(
+                f"{path}: the encoder gives {encoder.dim}-d features, the model expects "
+                f"{self.config.feature_dim}"
+            )
+        self.encoder = encoder.module.requires_grad_(False).eval()
+        self.encoder_config = dict(encoder.config)
+        self.config = dataclasses.replace(self.config, encoder_weights=encoder.weights_sha256)
 
     def train(self, mode: bool = True) -> ZoomMIL:
         """Set the heads' mode; the encoder stays in eval mode."""

@@ -54,6 +54,13 @@ TRAIN_OPTIONS = (
         "named after it",
         type=str,
     ),
+    TrainOption(
+        "encoder_weights",
+        None,
+        "weights file of the model's encoder, the one the bags were embedded with "
+        "(default: the encoder's own, e.g. napari-small's shipped weights)",
+        type=str,
+    ),
 )
 _DEFAULTS = {option.name: option.default for option in TRAIN_OPTIONS}
 
@@ -236,6 +243,10 @@ class ZoomMILTask:
                 f"training a {self.config.name} model needs --bags DIR, the folder of the "
                 f"cohort's bag files with features; {_make_hint(self.config)}"
             )
+        weights = family_option(options, "encoder_weights")
+        if weights:  # before the bags are checked against the model's encoder
+            model.load_encoder_weights(Path(weights).expanduser())
+            self.config = model.config
         self.bags_dir = Path(bags).expanduser()
         if not self.bags_dir.is_dir():
             raise ValueError(f"--bags {self.bags_dir} is not a folder; {_make_hint(self.config)}")
