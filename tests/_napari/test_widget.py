@@ -46,8 +46,11 @@ def test_widget_lists_models_devices_and_is_a_manifest_widget(make_napari_viewer
     viewer = make_napari_viewer()
     widget = add_magnify_widget(viewer)
     names = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
-    shipped = ["demo"] if demo_available() else []
-    assert names[:5] == shipped + ["magnet3", "magnet4", "magnet3-lite", "ats"][: 5 - len(shipped)]
+    from napari_magnet.models.registry import shipped_checkpoints
+
+    shipped = list(shipped_checkpoints())  # the trained models first
+    assert ("demo" in shipped) == demo_available()
+    assert names[: len(shipped) + 4] == shipped + ["magnet3", "magnet4", "magnet3-lite", "ats"]
     assert names[-1].startswith("Checkpoint")
     assert names[:-1] == model_choices()
     import torch
