@@ -221,7 +221,9 @@ class ZoomMILTask:
     model : ZoomMIL
         The model (its frozen ``encoder`` is not optimised).
     options : TrainOptions
-        ``family_options["bags"]`` (required) and ``lr`` are used.
+        ``family_options["bags"]`` (required), ``family_options["encoder_weights"]`` (the
+        weights file the bags were embedded with, loaded into the model's encoder) and ``lr``
+        are used.
     device : torch.device
         Where the model runs.
 
