@@ -332,7 +332,7 @@ def test_named_models_are_reproducible_and_ready():
 def test_unknown_name_and_demo(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown model 'magnet9'.*magnet3-lite.*magnet4"):
         load_model("magnet9", device="cpu")
-    monkeypatch.setattr(registry, "DEMO_CHECKPOINT", tmp_path / "weights" / "demo.safetensors")
+    monkeypatch.setitem(registry.SHIPPED, "demo", tmp_path / "weights" / "demo.safetensors")
     with pytest.raises(CheckpointError, match="not been trained and shipped"):
         load_model("demo", device="cpu")
     # once shipped, "demo" loads the checkpoint
