@@ -163,19 +163,12 @@ def run() -> list[Section]:
         print(f"  evaluating {name} on {len(test_records)} held-out slides", flush=True)
         outcomes = evaluate_cohort(test_records, model, device="cpu")
         rows = summarize(outcomes)
-        embedded = [o.pixels_processed // (PATCH * PATCH * 3) for o in outcomes]
-        flops = np.mean([mil_flops(model, n) for n in embedded])
+        embedded = {o.path: o.pixels_processed // (PATCH * PATCH * 3) for o in outcomes}
+        flops = np.mean([mil_flops(model, n) for n in embedded.values()])
         measured = flops_per_slide(model, sample)
-        counted = np.mean(
-            [
-                mil_flops(model, n)
-                for o in outcomes
-                if o.path in {str(r.path) for r in sample}
-                for n in [o.pixels_processed // (PATCH * PATCH * 3)]
-            ]
-        )
+        counted = np.mean([mil_flops(model, embedded[str(r.path)]) for r in sample])
         checks.append(f"{name}: {measured / 1e9:.3f} vs {counted / 1e9:.3f} GFLOPs")
-        entries.append((name, rows, budget, flops, float(np.mean(embedded))))
+        entries.append((name, rows, budget, flops, float(np.mean(list(embedded.values())))))
     print("  evaluating the demo MagNet", flush=True)
     magnet = load_model(DEMO_CHECKPOINT, device="cpu")
     rows = summarize(evaluate_cohort(test_records, magnet, device="cpu"))

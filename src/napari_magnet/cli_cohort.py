@@ -16,6 +16,7 @@ __all__ = [
     "add_scheduler_options",
     "evaluate_on_cluster",
     "report_outcome",
+    "run_tasks",
     "run_batch",
     "run_patch_cohort",
 ]
@@ -84,37 +85,48 @@ def report_outcome(outcome, quiet: bool) -> None:
         print(f"{outcome.status}: {outcome.output}", flush=True)
 
 
+def run_tasks(
+    args: argparse.Namespace, task, items: list[str], on_outcome=None, progress: bool = True
+) -> list:
+    """Run ``task`` on every item (slide or bag path) on the cluster the options name
+    (``--scheduler`` or a ``LocalCluster`` of ``--workers``, default one per core or GPU):
+    the outcomes, in the items' order; each reported as it arrives (``on_outcome``, default
+    one line per item unless ``--quiet``), under a progress bar unless ``--quiet`` or
+    ``progress`` is false."""
+    from .engine.cohort_run import cohort_client, default_workers, run_cohort
+
+    if on_outcome is None:
+
+        def on_outcome(outcome) -> None:
+            report_outcome(outcome, args.quiet)
+
+    workers = args.workers or min(len(items), default_workers(task.gpu))
+    with cohort_client(args.scheduler, workers, gpu=task.gpu) as client:
+        return run_cohort(
+            task,
+            items,
+            client,
+            retries=args.retries,
+            progress=progress and not args.quiet,
+            on_outcome=on_outcome,
+        )
+
+
 def run_patch_cohort(args: argparse.Namespace, options) -> int:
     """``patch ... --scheduler/--workers``: one dask task per slide; exit 1 if any failed."""
-    from .engine.cohort_run import cohort_client, counts, run_cohort
+    from .engine.cohort_run import counts
     from .engine.cohort_tasks import PatchTask
 
     task = PatchTask(str(Path(args.out).resolve()), options, args.overwrite)
-    slides = [str(Path(s).resolve()) for s in args.slides]
-    workers = args.workers or min(len(slides), _default(task))
-    with cohort_client(args.scheduler, workers, gpu=False) as client:
-        outcomes = run_cohort(
-            task,
-            slides,
-            client,
-            retries=args.retries,
-            progress=not args.quiet,
-            on_outcome=lambda o: report_outcome(o, args.quiet),
-        )
+    outcomes = run_tasks(args, task, [str(Path(s).resolve()) for s in args.slides])
     print(counts(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
-
-
-def _default(task) -> int:
-    from .engine.cohort_run import default_workers
-
-    return default_workers(task.gpu)
 
 
 def run_batch(args: argparse.Namespace) -> int:
     """``batch CSV --model M --out DIR``: exit 1 if any slide failed."""
     from .engine.cohort import read_cohort
-    from .engine.cohort_run import cohort_client, counts, run_cohort, write_summary
+    from .engine.cohort_run import counts, write_summary
     from .engine.cohort_tasks import MagnifyTask
 
     records = read_cohort(args.slides, check_files=False, require_both_labels=False)
@@ -133,17 +145,7 @@ def run_batch(args: argparse.Namespace) -> int:
         args.overwrite,
         gpu=args.device != "cpu",
     )
-    slides = [str(r.path) for r in records]
-    workers = args.workers or min(len(slides), _default(task))
-    with cohort_client(args.scheduler, workers, gpu=task.gpu) as client:
-        outcomes = run_cohort(
-            task,
-            slides,
-            client,
-            retries=args.retries,
-            progress=not args.quiet,
-            on_outcome=lambda o: report_outcome(o, args.quiet),
-        )
+    outcomes = run_tasks(args, task, [str(r.path) for r in records])
     path = write_summary(out / "summary.csv", outcomes)
     print(f"{counts(outcomes)}; summary in {path}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
@@ -159,22 +161,16 @@ def evaluate_on_cluster(args: argparse.Namespace, records, report=None) -> list:
     """``evaluate --scheduler/--workers``: one dask task per slide; the evaluation outcomes
     of the slides that worked, in the cohort's order. A slide that fails is reported on
     stderr and left out of the metrics; ``report(done, total, outcome)`` after each slide."""
-    from .engine.cohort_run import cohort_client, run_cohort
     from .engine.cohort_tasks import EvaluateTask
 
     model = args.model
     if Path(model).exists():
         model = str(Path(model).resolve())
-    task = EvaluateTask(tuple(records), model, args.device, args.rule, args.seed)
+    task = EvaluateTask(
+        tuple(records), model, args.device, args.rule, args.seed, gpu=args.device != "cpu"
+    )
     slides = [str(r.path) for r in records]
-    workers = args.workers or min(len(slides), _default(task))
-    with cohort_client(args.scheduler, workers, gpu=args.device != "cpu") as client:
-        outcomes = run_cohort(
-            task,
-            slides,
-            client,
-            retries=args.retries,
-            progress=False,
-            on_outcome=lambda o: _evaluated(o, len(slides), report),
-        )
+    outcomes = run_tasks(
+        args, task, slides, lambda o: _evaluated(o, len(slides), report), progress=False
+    )
     return [o.values["evaluation"] for o in outcomes if o.status != "failed"]

@@ -76,8 +76,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def _embed_on_cluster(args: argparse.Namespace, bags: list[Path]) -> int:
     """``embed --scheduler/--workers``: one dask task per bag file; exit 1 if any failed."""
-    from ..cli_cohort import report_outcome
-    from ..engine.cohort_run import cohort_client, counts, default_workers, run_cohort
+    from ..cli_cohort import run_tasks
+    from ..engine.cohort_run import counts
     from ..engine.cohort_tasks import EmbedTask
 
     weights = None if args.weights is None else str(Path(args.weights).resolve())
@@ -94,17 +94,7 @@ def _embed_on_cluster(args: argparse.Namespace, bags: list[Path]) -> int:
         gpu=args.device != "cpu",
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    paths = [str(p.resolve()) for p in bags]
-    workers = args.workers or min(len(paths), default_workers(task.gpu))
-    with cohort_client(args.scheduler, workers, gpu=task.gpu) as client:
-        outcomes = run_cohort(
-            task,
-            paths,
-            client,
-            retries=args.retries,
-            progress=not args.quiet,
-            on_outcome=lambda o: report_outcome(o, args.quiet),
-        )
+    outcomes = run_tasks(args, task, [str(p.resolve()) for p in bags])
     print(counts(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -26,7 +26,6 @@ the next magnification is embedded):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Generator
 from typing import Any
 
@@ -34,14 +33,14 @@ import numpy as np
 import torch
 
 from ...bags.bagfile import BagError, bag_kind, read_bag
-from ...bags.embedding import DTYPES, embed_level, fill_outside
+from ...bags.embedding import embed_level, fill_outside
 from ...bags.encoders import Encoder
 from ...bags.grid import MagnificationPlan, nested_grid, plan_magnifications
 from ...bags.records import BagLevel
 from ...bags.tissue import slide_tissue_mask
 from ...engine.frames import clip_boxes
 from ...engine.types import MagnifyOptions, MagnifyResult, MagnifyStep
-from .model import ZoomLevel, ZoomMIL
+from .model import ZoomLevel, ZoomMIL, encoder_mismatch
 
 __all__ = ["first_bag_rows", "magnify_zoommil", "slide_grid", "stored_first_features"]
 
@@ -94,25 +93,6 @@ def _encoder(model: ZoomMIL) -> Encoder:
     return Encoder(cfg.encoder, model.encoder, cfg.feature_dim, config=model.encoder_config)
 
 
-def _same_encoder(attrs: dict, model: ZoomMIL) -> bool:
-    """Whether stored features' attributes name the model's encoder."""
-    if attrs.get("encoder") != model.config.encoder:
-        return False
-    encoder = _encoder(model)
-    if attrs.get("config_hash") in {encoder.config_hash(dtype=d) for d in DTYPES}:
-        return True
-    try:
-        stored = json.loads(str(attrs.get("config", "")))
-    except json.JSONDecodeError:
-        return False
-    mine = model.encoder_config
-    if not isinstance(stored, dict) or stored.get("encoder") != mine.get("encoder"):
-        return False
-    if stored.get("weights_sha256") != mine.get("weights_sha256"):
-        return False
-    return mine.get("weights_sha256") is not None or stored.get("seed") == mine.get("seed")
-
-
 def stored_first_features(slide: Any, model: ZoomMIL, first: BagLevel) -> np.ndarray | None:
     """First-level features from ``<slide stem>.h5`` beside the slide, when they fit.
 
@@ -144,7 +124,7 @@ def stored_first_features(slide: Any, model: ZoomMIL, first: BagLevel) -> np.nda
         if level.patch_size != cfg.patch_size or not np.array_equal(level.coords, first.coords):
             return None
         attrs = dict(level.attrs.get("features_attrs") or {})
-        if not attrs or not _same_encoder(attrs, model):
+        if not attrs or encoder_mismatch(attrs, model.config.encoder, model.encoder_config):
             return None
         with h5py.File(path, "r") as f:
             features = np.asarray(f[level.name]["features"][()], dtype=np.float32)

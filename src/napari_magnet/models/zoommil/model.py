@@ -30,11 +30,12 @@ children of patch ``p`` are ``p · c + arange(c)`` at ``m + 1``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,7 @@ __all__ = [
     "ZoomOutput",
     "bag_sizes",
     "encoder_flops_per_patch",
+    "encoder_mismatch",
     "slide_flops",
 ]
 
@@ -118,6 +120,48 @@ def _build_encoder(name: str, dim: int, warn: bool):
             f"encoder {name!r} gives {encoder.dim}-d features; the config says feature_dim={dim}"
         )
     return encoder
+
+
+def encoder_mismatch(
+    attrs: Mapping[str, Any], encoder: str, encoder_config: Mapping[str, Any]
+) -> str | None:
+    """Why stored features did not come from a model's encoder, or ``None`` when they did.
+
+    Parameters
+    ----------
+    attrs : mapping
+        The ``features`` dataset's attributes as ``napari-magnet embed`` writes them
+        (``encoder``, ``config``: the encoder's configuration as JSON).
+    encoder : str
+        The model's encoder name (``config.encoder``).
+    encoder_config : mapping
+        The model's ``encoder_config`` (weights hash, seed …).
+
+    Returns
+    -------
+    str or None
+        E.g. ``"made with encoder 'x'; the model uses 'y'"``.
+    """
+    theirs = attrs.get("encoder")
+    if theirs != encoder:
+        return f"made with encoder {theirs!r}; the model uses {encoder!r}"
+    try:
+        stored = json.loads(str(attrs.get("config") or "null"))
+    except json.JSONDecodeError:
+        stored = None
+    if not isinstance(stored, dict):
+        return f"made with encoder {theirs!r}, but its configuration is not recorded"
+    if any(stored.get(key) != encoder_config.get(key) for key in ("weights_sha256", "seed")):
+        return (
+            f"made with other weights of encoder {theirs!r} ({_weights_text(stored)}) than "
+            f"the model's ({_weights_text(encoder_config)})"
+        )
+    return None
+
+
+def _weights_text(config: Mapping[str, Any]) -> str:
+    sha = config.get("weights_sha256")
+    return f"weights sha256 {sha[:12]}…" if sha else f"random weights, seed {config.get('seed')}"
 
 
 class ZoomMIL(nn.Module):

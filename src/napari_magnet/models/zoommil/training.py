@@ -18,7 +18,6 @@ resumed run draws what an uninterrupted one would have.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..family import TrainOption
+from .model import encoder_mismatch
 
 __all__ = [
     "DEFAULT_LR",
@@ -106,31 +106,6 @@ def _make_hint(config) -> str:
     )
 
 
-def _check_weights(path: Path, attrs: dict, encoder_config) -> None:
-    """Features of the right encoder but other weights (e.g. embedded before its weights
-    were installed, so random) are refused: the model would learn from other features than
-    it sees at inference."""
-    try:
-        stored = json.loads(str(attrs.get("config") or "null"))
-    except json.JSONDecodeError:
-        return
-    if not isinstance(stored, dict) or not encoder_config:
-        return
-    for key in ("weights_sha256", "seed"):
-        if key in stored and key in encoder_config and stored[key] != encoder_config[key]:
-            theirs, ours = stored.get("weights_sha256"), encoder_config.get("weights_sha256")
-            raise ValueError(
-                f"{path}: features made with other weights of encoder "
-                f"{attrs.get('encoder')!r} ({_weights(theirs, stored.get('seed'))}) than the "
-                f"model's ({_weights(ours, encoder_config.get('seed'))}): embed the bags again "
-                f"with napari-magnet embed --overwrite"
-            )
-
-
-def _weights(sha: str | None, seed) -> str:
-    return f"weights sha256 {sha[:12]}…" if sha else f"random weights, seed {seed}"
-
-
 class _BagFeatures:
     """One slide's features at the model's magnifications (float32, on the CPU), checked
     against the model's configuration; ``children(m, members)`` answers the model's zoom."""
@@ -180,7 +155,12 @@ class _BagFeatures:
                     f"{config.name!r} uses {config.encoder!r} ({config.feature_dim}-d): "
                     f"embed the bags with --encoder {config.encoder}"
                 )
-            _check_weights(path, attrs, encoder_config)
+            reason = encoder_mismatch(attrs, config.encoder, encoder_config or {})
+            if reason is not None:
+                raise ValueError(
+                    f"{path}: features {reason}: embed the bags again with "
+                    f"napari-magnet embed --overwrite"
+                )
             if m > 0:
                 c = config.fan_out(m - 1) ** 2
                 expected = np.repeat(np.arange(len(levels[m - 1]), dtype=np.int64), c)
