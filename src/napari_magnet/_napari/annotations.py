@@ -29,6 +29,9 @@ a file of the data dir when that folder is not writable (:mod:`..io.autosave_pat
 A killed napari loses at most the last ``delay_ms``. :func:`restore_annotations` reads the
 newer of the two files back when the slide is opened again: annotations into the Annotations
 layer, ROIs into "<slide> · L<k> ROIs" layers (without their attention maps), states included.
+ROI layers kept for their reviews when a later run came (:mod:`.kept_reviews`) are saved
+with ``kept: n`` in ``properties.napari_magnet`` (and feature ids of their own) and come back
+as the same kept "… (reviewed, run n)" layers.
 Layers imported onto the slide with the widget's *Import GeoJSON…* are saved too and come back
 merged into the Annotations layer. Removing a layer is not itself a change the autosave
 reacts to (the file keeps its shapes until the next change of the slide's other layers).
@@ -37,6 +40,7 @@ reacts to (the file keeps its shapes until the next change of the slide's other 
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
-from ..io.annotation import PROPERTIES_KEY, Annotation, GeoJSONError
+from ..io.annotation import FEATURE_ID_NAMESPACE, PROPERTIES_KEY, Annotation, GeoJSONError
 from ..io.autosave_paths import (
     DATA_DIR_ENV,
     SIDECAR_SUFFIX,
@@ -61,6 +65,7 @@ from ..io.geojson_read import load_geojson
 from ..io.geojson_write import write_geojson
 from ..io.rois import RoiTable
 from ..io.shapes import annotations_to_shapes, shapes_to_annotations
+from .kept_reviews import KEPT_KEY, kept_name
 from .layers import (
     add_roi_layer,
     edge_width_for,
@@ -68,6 +73,7 @@ from .layers import (
     layer_kind,
     layers_of,
     restyle,
+    roi_layer_name,
     slide_metadata,
     slide_path_of,
 )
@@ -185,14 +191,16 @@ def _restyle_on_add(layer: Any):
     return on_data
 
 
-def _split_saved(annotations: Sequence[Annotation]) -> tuple[list, dict[int, list]]:
+def _split_saved(annotations: Sequence[Annotation]) -> tuple[list, dict[tuple[int, int], list]]:
+    """The plain annotations, and the ROIs by (kept snapshot or 0, magnifying layer)."""
     plain, rois = [], {}
     for a in annotations:
         ours = a.properties.get(PROPERTIES_KEY) if isinstance(a.properties, dict) else None
         if isinstance(ours, dict) and ours.get("kind") == "roi":
-            layer = ours.get("layer", 0)
+            layer, kept = ours.get("layer", 0), ours.get(KEPT_KEY, 0)
             layer = int(layer) if isinstance(layer, (int, float)) else 0
-            rois.setdefault(layer, []).append(a)
+            kept = int(kept) if isinstance(kept, (int, float)) else 0
+            rois.setdefault((kept, layer), []).append(a)
         else:
             plain.append(a)
     return plain, rois
@@ -253,10 +261,12 @@ def restore_annotations(
                 pass
             annotations = []
     plain, rois = _split_saved(annotations)
-    for layer_no in sorted(rois):
-        restored = RoiTable.from_annotations(rois[layer_no]).to_layer_data(
+    # kept snapshots first (oldest lowest), the last run's ROIs on top
+    for kept, layer_no in sorted(rois, key=lambda key: (key[0] == 0, key)):
+        restored = RoiTable.from_annotations(rois[kept, layer_no]).to_layer_data(
             slide_layer.metadata.get("mpp")
         )
+        name = roi_layer_name(slide_layer, layer_no)
         roi_layer = add_roi_layer(
             viewer,
             slide_layer,
@@ -265,7 +275,10 @@ def restore_annotations(
             layer_no,
             run="restored",
             committed=True,
+            name=kept_name(name, kept) if kept else name,
         )
+        if kept:
+            layer_info(roi_layer)[KEPT_KEY] = kept
         bind_review_keys(roi_layer, classes)
     return add_annotations_layer(viewer, slide_layer, plain, classes=classes)
 
@@ -283,7 +296,8 @@ def layer_annotations(layer: Any) -> list[Annotation]:
     -------
     list of Annotation
         Its area shapes (lines and paths are left out), with the slide's mpp and name
-        recorded.
+        recorded; a kept ROI layer's (:mod:`.kept_reviews`) with ``kept: n`` and feature ids
+        of their own (the same regions of the last run have the same lineage ids).
     """
     meta = layer.metadata
     kind = "roi" if layer_kind(layer) == "rois" else "annotation"
@@ -297,6 +311,12 @@ def layer_annotations(layer: Any) -> list[Annotation]:
         kind=kind,
         slide_name=str(meta.get("slide_name", "")),
     )
+    kept = layer_info(layer).get(KEPT_KEY) if kind == "roi" else None
+    if kept:
+        for i, a in enumerate(anns):
+            ours = dict(a.properties.get(PROPERTIES_KEY) or {}, **{KEPT_KEY: int(kept)})
+            a.properties = {**a.properties, PROPERTIES_KEY: ours}
+            a.id = str(uuid.uuid5(FEATURE_ID_NAMESPACE, f"kept:{int(kept)}:{i}:{a.name}"))
     return anns
 
 

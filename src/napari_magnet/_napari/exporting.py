@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .annotations import layer_annotations
+from .layer_kinds import is_kept
 from .layers import layers_of, slide_path_of
 
 
@@ -78,7 +79,8 @@ def collect_export(viewer: Any, slide_layer: Any, run: Any = None) -> ExportReco
         for layer in layers_of(viewer, slide_path, kinds=("annotations", "imported"))
         for a in layer_annotations(layer)
     ]
-    roi_layers = layers_of(viewer, slide_path, kinds=("rois",))
+    # the last run's ROIs: layers kept for their reviews hold an earlier run's (same ids)
+    roi_layers = [lyr for lyr in layers_of(viewer, slide_path, kinds=("rois",)) if not is_kept(lyr)]
     steps = tuple(run.steps) if run is not None else ()
     return ExportRecord(
         slide_path=slide_path,

@@ -17,6 +17,7 @@ __all__ = [
     "KEY",
     "TEXT_COLOR",
     "base_name",
+    "is_kept",
     "is_slide_layer",
     "layer_id",
     "layer_info",
@@ -53,6 +54,12 @@ def layer_info(layer: Any) -> dict:
     """Our metadata dict of a layer (empty for foreign layers)."""
     info = getattr(layer, "metadata", {}).get(KEY)
     return info if isinstance(info, dict) else {}
+
+
+def is_kept(layer: Any) -> bool:
+    """An ROI layer kept for its reviews when a later run came (:mod:`.kept_reviews`): no
+    run writes into it or removes it."""
+    return bool(layer_info(layer).get("kept"))
 
 
 def slide_path_of(layer: Any) -> str | None:

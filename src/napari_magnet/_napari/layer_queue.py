@@ -63,6 +63,10 @@ class LayerQueue:
         self._pending.appendleft((owner, action))
         self._schedule()
 
+    def clear(self) -> None:
+        """Drop every waiting operation (nothing of them runs)."""
+        self._pending.clear()
+
     def _schedule(self) -> None:
         if not self._scheduled and self._pending:
             self._scheduled = True

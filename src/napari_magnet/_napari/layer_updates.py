@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .layer_kinds import KEY, layer_id, layer_info, layers_of
+from .layer_kinds import KEY, is_kept, layer_id, layer_info, layers_of
 
 #: State written in place after the data, by layer type (name, visibility, opacity are kept).
 STATE_KEYS = {
@@ -238,11 +238,12 @@ def reusable_layer(
     layer_no : int, optional
         The magnifying layer it must show.
     exclude : iterable of layers
-        Layers already taken (the new run's own).
+        Layers already taken (the new run's own). Kept reviewed layers
+        (:func:`~.layer_kinds.is_kept`) are never reused.
     """
     taken = {layer_id(layer) for layer in exclude}
     for layer in reversed(layers_of(viewer, slide_path, kinds=(kind,))):
-        if layer_id(layer) in taken or _type_name(layer) != layer_type:
+        if layer_id(layer) in taken or _type_name(layer) != layer_type or is_kept(layer):
             continue
         if getattr(layer, "multiscale", False) or layer.ndim != 2:
             continue

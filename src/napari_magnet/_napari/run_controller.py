@@ -32,6 +32,13 @@ The worker is superqt's generator worker (napari's ``thread_worker`` would repor
   is none; the commit removes the previous layers not reused and updates (or adds, hidden) the
   coverage. ``reuse_layers=False``: a run adds its layers beside the previous ones (names
   suffixed " [1]"), which the commit removes.
+* **Reviews are never overwritten** (:mod:`.kept_reviews`): when the run starts, the slide's
+  ROI layers that carry a review state or a class are kept aside, renamed "… (reviewed, run
+  n)", and neither written into nor removed; the commit says so in a notification. A run
+  cancelled or failed gives them back as they were.
+* **Shutdown** (:meth:`RunController.shutdown`, when the widget goes away or napari quits)
+  silences the controller for good: its signals are disconnected, queued layer operations
+  dropped, the run under way dropped without touching the viewer, every worker asked to stop.
 * Layers are added without changing the user's layer selection, and the slide's Annotations
   layer is kept on top.
 """
@@ -50,7 +57,8 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
-from .layer_kinds import layer_id
+from .kept_reviews import keep_reviewed, release
+from .layer_kinds import is_kept, layer_id
 from .layer_queue import DRAIN_DELAY_MS, LayerQueue
 from .layer_updates import (
     discard_later,
@@ -153,6 +161,9 @@ class MagnifyRun:
         Layers showing the run (added or updated in place; still in the viewer).
     reused : list of [layer, tuple or None]
         Layers it updates in place and what they showed (:func:`.layer_updates.show_layer`).
+    kept : list of (layer, str)
+        Reviewed ROI layers kept aside for it and their names before
+        (:func:`.kept_reviews.keep_reviewed`).
     steps : list of MagnifyStep
         Steps received.
     result : MagnifyResult or None
@@ -163,8 +174,11 @@ class MagnifyRun:
     request: RunRequest
     slide_layer: Any
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    # set in the worker thread once the run's source is closed (its work is over)
+    done_event: threading.Event = field(default_factory=threading.Event)
     layers: list = field(default_factory=list)
     reused: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
     steps: list = field(default_factory=list)
     result: Any = None
     model_name: str = ""
@@ -312,6 +326,7 @@ class RunController:
         if self._state is not RunState.IDLE:
             return None
         run = MagnifyRun(id=next(_run_ids), request=request, slide_layer=slide_layer)
+        run.kept = keep_reviewed(self.viewer, request.slide_path)
         self._run = run
         self._shown, self._expected = 0, 0
         self._message = f"Magnifying with {request.model}…"
@@ -320,6 +335,7 @@ class RunController:
             self.items,
             request,
             run.cancel_event,
+            run.done_event,
             _start_thread=False,
             _ignore_errors=True,
         )
@@ -345,11 +361,43 @@ class RunController:
         if self._run is not None and self._run.slide_layer is slide_layer:
             self.cancel()
 
-    def shutdown(self) -> None:
-        """Ask every worker to stop (the application is quitting)."""
-        for run in [self._run, *self._stopping]:
-            if run is not None:
-                run.cancel_event.set()
+    def shutdown(self, wait_s: float = 0.0) -> bool:
+        """Stop for good (the widget is going away, or napari quits).
+
+        No signal is emitted any more, queued layer operations are dropped, the run under way
+        is dropped without touching the viewer (whose widgets may be gone already) and every
+        worker is asked to stop at its next step boundary; what they still report is ignored.
+
+        Parameters
+        ----------
+        wait_s : float
+            How long to wait for the workers to stop.
+
+        Returns
+        -------
+        bool
+            Whether every worker has stopped.
+        """
+        for signal in (
+            self.status_changed,
+            self.step_shown,
+            self.run_finished,
+            self.roi_layer_added,
+            self.committed,
+        ):
+            signal.disconnect()
+        self.queue.clear()
+        runs = [run for run in (self._run, *self._stopping) if run is not None]
+        for run in runs:
+            run.cancelled = run.closed = True
+            run.cancel_event.set()
+        self._run, self._state = None, RunState.IDLE
+        deadline = time.monotonic() + max(0.0, wait_s)
+        stopped = [
+            run.finished or run.done_event.wait(max(0.0, deadline - time.monotonic()))
+            for run in runs
+        ]
+        return all(stopped)
 
     def remove_layers_later(self, layers: list) -> None:
         """Hide ``layers`` now; remove them in the next turn of the event loop, all in one
@@ -510,6 +558,9 @@ class RunController:
             self._shown = 0
         if outcome != "committed":
             self._discard(run)
+            if run.kept:  # after the discard: the names are free again
+                self.queue.push(partial(release, self.viewer, run.kept))
+                run.kept = []
         if run is self._run:
             self._run = None
         self._set_state(RunState.IDLE)
@@ -525,7 +576,9 @@ class RunController:
         old = [
             layer
             for layer in layers_of(self.viewer, run.slide_path, kinds=RUN_KINDS)
-            if layer_id(layer) not in mine and (cover is None or layer != cover)
+            if layer_id(layer) not in mine
+            and (cover is None or layer != cover)
+            and not is_kept(layer)
         ]
         self.remove_layers_later(old)
         if run.coverage is not None:
@@ -538,7 +591,18 @@ class RunController:
         # plain names once the previous run's layers are gone
         self.queue.push(lambda: self._rename(run))
         self.last_runs[run.slide_path] = run
+        if run.kept:
+            self._announce_kept(run)
         self.committed.emit(run)
+
+    def _announce_kept(self, run: MagnifyRun) -> None:
+        from napari.utils.notifications import show_info
+
+        names = ", ".join(f"'{layer.name}'" for layer, _ in run.kept)
+        show_info(
+            f"napari-magnet: your reviews of the previous run on {run.slide_layer.name} are "
+            f"kept in {names}; the new run's ROIs are in new layers"
+        )
 
     def _show_coverage(self, run: MagnifyRun) -> None:
         """Update the previous coverage layer (hidden or shown as the user left it) with the

@@ -278,7 +278,10 @@ def magnify_items(request: RunRequest) -> Iterator[Any]:
 
 
 def guarded_items(
-    items: Callable[[RunRequest], Iterator[Any]], request: RunRequest, cancel: threading.Event
+    items: Callable[[RunRequest], Iterator[Any]],
+    request: RunRequest,
+    cancel: threading.Event,
+    done: threading.Event | None = None,
 ) -> Iterator[Any]:
     """The worker's generator: ``items(request)`` stopped at the first step boundary after
     ``cancel`` is set.
@@ -295,14 +298,17 @@ def guarded_items(
         The run.
     cancel : threading.Event
         Set by the GUI thread to stop the run.
+    done : threading.Event, optional
+        Set once the source is closed: the run does no more work (the GUI thread can wait for
+        it without waiting for the worker's queued signals).
 
     Yields
     ------
     object
         The records of ``items(request)``.
     """
-    source = items(request)
     try:
+        source = items(request)
         try:
             for record in source:
                 if cancel.is_set():
@@ -314,6 +320,9 @@ def guarded_items(
             source.close()
     except Exception as exc:  # delivered through ``errored``
         raise MagnifyFailed(exc) from exc
+    finally:
+        if done is not None:
+            done.set()
 
 
 def _fmt_count(n: float) -> str:

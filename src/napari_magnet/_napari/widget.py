@@ -21,7 +21,15 @@ They talk through frozen records: the panel's :class:`~._qt.RunSettings`, the ru
 its own attributes (``model_combo``, ``set_review``, ``export_all`` …).
 
 **Docking** narrows the canvas: once shown, the widget fits the view to the slides (as Home
-does) when the view was fitted before, so a slide is not left cropped.
+does) when the view was fitted before, so a slide is not left cropped. The panels sit in a
+vertical scroll area (:mod:`._qt.scroll_area`): in a short window the dock scrolls instead of
+squeezing the panels, so every line stays readable.
+
+**Closing**: when the widget is destroyed (its window closed, napari quitting) at any moment —
+a run under way, a cancelled run's worker still stopping — it first writes pending autosaves,
+then silences its run controller (:meth:`~.run_controller.RunController.shutdown`: nothing
+reaches the deleted panels any more), stops listening to the viewer and waits a moment
+(:data:`STOP_WAIT_S`) for the worker thread to end.
 
 **Magnify inside a box**: a shape selected in a Shapes layer that is not one of our ROI layers
 (the active layer first) restricts layer 1 to its bounding box (world µm → level-0 pixels
@@ -40,6 +48,7 @@ from qtpy.QtWidgets import QApplication, QVBoxLayout, QWidget
 
 from ._qt import ExportPanel, MagnifyPanel, ReviewPanel
 from ._qt.open_prompt import OpenSlidesPanel
+from ._qt.scroll_area import VerticalScrollArea
 from .annotations import (
     AnnotationAutosaver,
     bind_review_keys,
@@ -63,6 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: seconds after the widget is first shown during which layout changes refit the view
 FIT_WINDOW_S = 1.0
+#: seconds the widget, when destroyed, waits for a worker to reach its next step boundary
+STOP_WAIT_S = 3.0
 
 # the helpers below are re-exported for the demo, the benchmarks and the tests
 __all__ = [
@@ -190,10 +201,15 @@ class MagnifyWidget(QWidget):
             on_imported=self._on_imported,
             parent=self,
         )
-        root = QVBoxLayout(self)
+        panels = QWidget()
+        column = QVBoxLayout(panels)
         for panel in (self.open_panel, self.magnify_panel, self.review_panel, self.export_panel):
-            root.addWidget(panel)
-        root.addStretch(1)
+            column.addWidget(panel)
+        column.addStretch(1)
+        self.scroll_area = VerticalScrollArea(panels)
+        root = QVBoxLayout(self)
+        root.setContentsMargins(0, 0, 0, 0)
+        root.addWidget(self.scroll_area)
 
         self.magnify_panel.magnify_clicked.connect(self.run_magnify)
         self.magnify_panel.cancel_clicked.connect(self.cancel)
@@ -214,6 +230,13 @@ class MagnifyWidget(QWidget):
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self.shutdown)
+        # not a method of ours (it runs while the C++ side is being deleted), holding no
+        # strong reference to the widget
+        listeners = [
+            (layers.events.inserted, weakref.WeakMethod(self._on_layer_inserted)),
+            (layers.events.removed, weakref.WeakMethod(self._on_layer_removed)),
+        ]
+        self.destroyed.connect(partial(_on_destroyed, self.controller, self.autosavers, listeners))
 
     # -- runs ------------------------------------------------------------------------------
     @property
@@ -405,13 +428,28 @@ class MagnifyWidget(QWidget):
 
     # -- shutdown --------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Cancel a running run and write pending autosaves (called when Qt quits)."""
+        """Write pending autosaves and stop the run controller for good (napari quits):
+        a run under way is dropped, its worker asked to stop and waited for a moment."""
+        _stop(self.controller, self.autosavers.values())
+
+
+def _stop(controller: RunController, savers: Any) -> None:
+    """Flush the autosaves, then shut the controller down (waiting up to STOP_WAIT_S)."""
+    for saver in list(savers):
         try:
-            self.controller.shutdown()
-            for saver in list(self.autosavers.values()):
-                saver.flush()
-        except RuntimeError:  # pragma: no cover - Qt objects already deleted
+            saver.flush()
+        except RuntimeError:  # its timer is already deleted: nothing is pending any more
             pass
+    controller.shutdown(wait_s=STOP_WAIT_S)
+
+
+def _on_destroyed(controller: RunController, savers: dict, listeners: list, *_: Any) -> None:
+    """The widget is being destroyed: stop listening to the viewer, then :func:`_stop`."""
+    for emitter, ref in listeners:
+        callback = ref()
+        if callback is not None:
+            emitter.disconnect(callback)
+    _stop(controller, savers.values())
 
 
 def add_magnify_widget(viewer: napari.Viewer, **kwargs: Any) -> MagnifyWidget:
