@@ -84,3 +84,42 @@ def test_a_read_resampled_on_the_gpu_equals_the_cpu_read(cmu_path):
         assert (gpu.levels == cpu.levels).all() and gpu.pixels_read == cpu.pixels_read
         diff = (gpu.pixels.cpu().int() - cpu.pixels.int()).abs()
         assert diff.max() <= 1  # float rounding of the same area average
+
+
+@pytest.mark.parametrize("slide_fixture", ["cmu_path", "ndpi_path"])
+def test_regions_on_whole_pixels_are_cropped_to_the_values_roi_align_gives(
+    slide_fixture, request, monkeypatch
+):
+    """Patches on a level's own grid (1:1, or an integer area-average) skip the resampling;
+    the values are roi_align's exactly, at the slide's edge and inside it."""
+    import napari_magnet.engine.regions as regions
+
+    path = request.getfixturevalue(slide_fixture)
+    with open_slide(path) as slide:
+        width, height = slide.dimensions
+        frames = [
+            [0.0, 0.0, 64.0, 64.0],  # 1:1 at level 0
+            [128.0, 256.0, 256.0, 384.0],  # 2:1 at level 0 (or 1:1 higher up)
+            [96.0, 32.0, 352.0, 288.0],  # 4:1
+            [width - 64.0, height - 64.0, width + 64.0, height + 64.0],  # past the corner
+            [10.5, 20.25, 74.5, 84.25],  # off the grid: resampled
+            [300.0, 400.0, 492.0, 592.0],  # 3:1
+        ]
+        frames = np.asarray(frames)
+        crops = []
+        for size in (64, 32):
+            with RegionReader(slide, workers=1) as reader:
+                crops.append(reader.read(frames, size).images)
+        monkeypatch.setattr(regions, "_pixel_grid", lambda *args: None)
+        for size, fast in zip((64, 32), crops):
+            with RegionReader(slide, workers=1) as reader:
+                np.testing.assert_array_equal(fast, reader.read(frames, size).images)
+
+
+def test_the_pixel_grid_of_a_box(monkeypatch):
+    from napari_magnet.engine.regions import _pixel_grid
+
+    assert _pixel_grid((2.0, 3.0, 66.0, 67.0), 64, 64, (100, 100)) == (2, 3, 66, 67)
+    assert _pixel_grid((2.5, 3.0, 66.5, 67.0), 64, 64, (100, 100)) is None  # off the grid
+    assert _pixel_grid((2.0, 3.0, 66.0, 67.0), 32, 32, (100, 100)) is None  # resampled
+    assert _pixel_grid((40.0, 3.0, 104.0, 67.0), 64, 64, (100, 100)) is None  # past the source

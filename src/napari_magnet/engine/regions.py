@@ -8,7 +8,8 @@ box is that frame clipped to the parent's visible box.
 
 Each region is read from the pyramid level the rule picks, on a thread pool (decoders release
 the GIL), then resampled onto the output grid with torchvision's ``roi_align`` (exact box
-geometry, area-averaging when downscaling).
+geometry, area-averaging when downscaling). A region that falls on whole pixels of the level
+(after an integer area-average) is cropped instead: the same values, without resampling.
 """
 
 from __future__ import annotations
@@ -175,25 +176,33 @@ class RegionReader:
         factor = max(
             int(min((bx1 - bx0) / scale_x / (i1 - i0), (by1 - by0) / scale_y / (j1 - j0))), 1
         )
-        box = torch.tensor(
-            [
-                [
-                    0.0,
-                    (bx0 / scale_x - wx0) / factor,
-                    (by0 / scale_y - wy0) / factor,
-                    (bx1 / scale_x - wx0) / factor,
-                    (by1 / scale_y - wy0) / factor,
-                ]
-            ],
-            dtype=torch.float32,
+        corners = (
+            (bx0 / scale_x - wx0) / factor,
+            (by0 / scale_y - wy0) / factor,
+            (bx1 / scale_x - wx0) / factor,
+            (by1 / scale_y - wy0) / factor,
         )
+        wh, ww = window.shape[:2]
+        limits = (math.ceil(ww / factor), math.ceil(wh / factor))
+        grid = _pixel_grid(corners, i1 - i0, j1 - j0, limits)
         with torch.inference_mode():
+            if grid is not None and factor == 1:  # the window's own pixels: no arithmetic
+                gx0, gy0, gx1, gy1 = grid
+                crop = torch.from_numpy(np.ascontiguousarray(window[gy0:gy1, gx0:gx1]))
+                out[:, j0:j1, i0:i1] = crop.to(device, non_blocking=True).permute(2, 0, 1)
+                return out, level, window.size
             if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
                 window = window.copy()
             source = torch.from_numpy(window).to(device, non_blocking=True)
             source = source.permute(2, 0, 1)[None].float().contiguous()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
+            if grid is not None:  # the pooled pixels are the output's
+                gx0, gy0, gx1, gy1 = grid
+                crop = source[0, :, gy0:gy1, gx0:gx1]
+                out[:, j0:j1, i0:i1] = crop.round_().clamp_(0, 255).to(torch.uint8)
+                return out, level, window.size
+            box = torch.tensor([[0.0, *corners]], dtype=torch.float32)
             resampled = roi_align(
                 source,
                 box.to(device),
@@ -204,3 +213,27 @@ class RegionReader:
             )
             out[:, j0:j1, i0:i1] = resampled[0].round_().clamp_(0, 255).to(torch.uint8)
         return out, level, window.size
+
+
+def _pixel_grid(
+    corners: tuple[float, float, float, float],
+    width: int,
+    height: int,
+    limits: tuple[int, int],
+) -> tuple[int, int, int, int] | None:
+    """The box as whole pixels when it is exactly ``width`` × ``height`` of them, inside a
+    source of ``limits`` (width, height) pixels.
+
+    ``roi_align`` (aligned, adaptive sampling) then samples each output pixel once, at the
+    centre of one source pixel: the source's pixels are the output, and a crop gives the same
+    values without the resampling's cost (patches on a magnification's own grid).
+    """
+    whole = [round(c) for c in corners]
+    if any(abs(c - w) > 1e-6 for c, w in zip(corners, whole)):
+        return None
+    x0, y0, x1, y1 = whole
+    if x1 - x0 != width or y1 - y0 != height or x0 < 0 or y0 < 0:
+        return None
+    if x1 > limits[0] or y1 > limits[1]:
+        return None
+    return x0, y0, x1, y1
