@@ -123,3 +123,26 @@ def test_the_pixel_grid_of_a_box(monkeypatch):
     assert _pixel_grid((2.5, 3.0, 66.5, 67.0), 64, 64, (100, 100)) is None  # off the grid
     assert _pixel_grid((2.0, 3.0, 66.0, 67.0), 32, 32, (100, 100)) is None  # resampled
     assert _pixel_grid((40.0, 3.0, 104.0, 67.0), 64, 64, (100, 100)) is None  # past the source
+
+
+def test_near_one_downscales_take_one_sample_per_pixel(cmu_path):
+    from napari_magnet.engine.regions import _samples_per_side
+
+    assert [_samples_per_side(r) for r in (0.5, 1.0, 1.002, 1.02, 1.5, 2.0, 3.2)] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+        2,
+        4,
+    ]
+    # a 224-px patch at 0.5 µm/px of this 0.499 µm/px slide, on tissue: one bilinear sample
+    # per pixel lands within a fiftieth of a pixel of the source's near the origin, so the
+    # patch is the crop there (2 x 2 samples blurred it over half a pixel: ~5 grey levels off)
+    with open_slide(cmu_path) as slide, RegionReader(slide, workers=1) as reader:
+        frame = np.array([[1000.0, 1500.0, 1000.0 + 224.4, 1500.0 + 224.4]])
+        patch = reader.read(frame, 224).images[0].astype(float)
+        crop = slide.read_region((1000, 1500), 0, (224, 224)).astype(float)
+    assert crop[:32, :32].std() > 20  # tissue, not glass
+    assert np.abs(patch - crop)[:32, :32].mean() < 2  # the drift grows to 0.4 px at the far side
