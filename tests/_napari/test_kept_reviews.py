@@ -115,6 +115,10 @@ def test_a_second_run_keeps_the_reviews_of_the_first(rig, qtbot):
     assert current[0] is not l1 and current[0].name == f"{slide.name} · L1 ROIs"
     assert all(a is b for a, b in zip(current[1:], deeper))
     assert not any(decisions(lyr) for lyr in current)
+    # stacked in lineage order, bottom to top: the kept layer, then L1 … Lk (the new L1 is
+    # not left on top of the deeper layers it joined)
+    stack = [lyr for lyr in viewer.layers if layer_kind(lyr) == "rois"]
+    assert stack == [l1, *current]
     said = [str(n.message) for n in notification_manager.records[n0:]]
     assert any("reviews" in m and kept_name in m for m in said), said
 

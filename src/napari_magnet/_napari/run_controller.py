@@ -58,7 +58,7 @@ import numpy as np
 from psygnal import Signal
 
 from .kept_reviews import keep_reviewed, release
-from .layer_kinds import is_kept, layer_id
+from .layer_kinds import is_kept, layer_id, layer_info
 from .layer_queue import DRAIN_DELAY_MS, LayerQueue
 from .layer_updates import (
     discard_later,
@@ -489,13 +489,16 @@ class RunController:
 
     def _step_shown(self, run: MagnifyRun) -> None:
         """After a step's layers: the ROI layers above every attention overlay (a deeper
-        layer's maps cover its parents' boxes), the user's drawing layers on top, progress."""
+        layer's maps cover its parents' boxes) in lineage order — kept reviewed layers lowest,
+        then L1 … Lk, so a layer added beside reused deeper ones does not land on top of them —
+        the user's drawing layers on top, progress."""
         layers = self.viewer.layers
         overlays = layers_of(self.viewer, run.slide_path, kinds=("attention",))
         top = max((layers.index(layer) for layer in overlays), default=-1)
         rois = sorted(layers_of(self.viewer, run.slide_path, kinds=("rois",)), key=layers.index)
-        if any(layers.index(layer) < top for layer in rois):
-            for layer in rois:  # bottom to top: their own order is kept
+        wanted = sorted(rois, key=_roi_stack_key(layers))
+        if wanted != rois or any(layers.index(layer) < top for layer in rois):
+            for layer in wanted:  # bottom to top
                 layers.move(layers.index(layer), len(layers))
         for layer in layers_of(self.viewer, run.slide_path, kinds=("annotations",)):
             i = layers.index(layer)
@@ -622,3 +625,15 @@ class RunController:
         for layer in run.layers:
             if layer in self.viewer.layers:
                 layer.name = base_name(layer.name)
+
+
+def _roi_stack_key(layers: Any) -> Any:
+    """Sort key of ROI layers from bottom to top: kept reviewed layers (in their order), then
+    the rest by magnifying layer, ties in their order."""
+
+    def key(layer: Any) -> tuple:
+        info = layer_info(layer)
+        depth = info.get("layer") if isinstance(info.get("layer"), int) else 0
+        return (not is_kept(layer), 0 if is_kept(layer) else depth, layers.index(layer))
+
+    return key
