@@ -17,7 +17,14 @@ from typing import Any
 
 from .layer_kinds import base_name, is_kept, layer_info, layers_of
 
-__all__ = ["KEPT_KEY", "has_decisions", "keep_reviewed", "kept_name", "release"]
+__all__ = [
+    "KEPT_KEY",
+    "announce_kept",
+    "has_decisions",
+    "keep_reviewed",
+    "kept_name",
+    "release",
+]
 
 #: Key of our metadata (and of ``properties.napari_magnet`` in the autosave) holding ``n``.
 KEPT_KEY = "kept"
@@ -74,3 +81,14 @@ def release(viewer: Any, kept: list[tuple[Any, str]]) -> None:
         if layer in viewer.layers:
             layer_info(layer).pop(KEPT_KEY, None)
             layer.name = previous
+
+
+def announce_kept(kept: list[tuple[Any, str]], slide_name: str) -> None:
+    """Tell the user where the reviews of the previous run went (a napari notification)."""
+    from napari.utils.notifications import show_info
+
+    names = ", ".join(f"'{layer.name}'" for layer, _ in kept)
+    show_info(
+        f"napari-magnet: your reviews of the previous run on {slide_name} are kept in "
+        f"{names}; the new run's ROIs are in new layers"
+    )

@@ -366,3 +366,28 @@ def discard_later(viewer: Any, layers: list, reused: list) -> Callable[[], None]
         remove_layers(viewer, added)
 
     return discard
+
+
+def stack_run_layers(viewer: Any, slide_path: str) -> None:
+    """Restack the slide's layers of ours after a step was shown: the ROI layers above every
+    attention overlay (a deeper layer's maps cover its parents' boxes) in lineage order —
+    kept reviewed layers lowest, then L1 … Lk, so a layer added beside reused deeper ones
+    does not land on top of them — and the user's drawing layers on top."""
+    layers = viewer.layers
+    overlays = layers_of(viewer, slide_path, kinds=("attention",))
+    top = max((layers.index(layer) for layer in overlays), default=-1)
+    rois = sorted(layers_of(viewer, slide_path, kinds=("rois",)), key=layers.index)
+
+    def lineage(layer: Any) -> tuple:
+        depth = layer_info(layer).get("layer")
+        kept = is_kept(layer)
+        return (not kept, 0 if kept or not isinstance(depth, int) else depth, layers.index(layer))
+
+    wanted = sorted(rois, key=lineage)
+    if wanted != rois or any(layers.index(layer) < top for layer in rois):
+        for layer in wanted:  # bottom to top
+            layers.move(layers.index(layer), len(layers))
+    for layer in layers_of(viewer, slide_path, kinds=("annotations",)):
+        i = layers.index(layer)
+        if i != len(layers) - 1:
+            layers.move(i, len(layers))

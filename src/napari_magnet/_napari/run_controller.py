@@ -36,11 +36,9 @@ The worker is superqt's generator worker (napari's ``thread_worker`` would repor
   ROI layers that carry a review state or a class are kept aside, renamed "… (reviewed, run
   n)", and neither written into nor removed; the commit says so in a notification. A run
   cancelled or failed gives them back as they were.
-* **Shutdown** (:meth:`RunController.shutdown`, when the widget goes away or napari quits)
-  silences the controller for good: its signals are disconnected, queued layer operations
-  dropped, the run under way dropped without touching the viewer, every worker asked to stop.
-* Layers are added without changing the user's layer selection, and the slide's Annotations
-  layer is kept on top.
+* **Shutdown** (:meth:`RunController.shutdown`) silences the controller for good.
+* Layers are added without changing the user's layer selection; ROI layers are stacked in
+  lineage order above the overlays, the slide's Annotations layer on top.
 """
 
 from __future__ import annotations
@@ -57,14 +55,15 @@ from typing import Any
 import numpy as np
 from psygnal import Signal
 
-from .kept_reviews import keep_reviewed, release
-from .layer_kinds import is_kept, layer_id, layer_info
+from .kept_reviews import announce_kept, keep_reviewed, release
+from .layer_kinds import is_kept, layer_id
 from .layer_queue import DRAIN_DELAY_MS, LayerQueue
 from .layer_updates import (
     discard_later,
     mark_committed,
     reusable_layer,
     show_layer,
+    stack_run_layers,
 )
 from .layers import (
     add_attention_layer,
@@ -378,13 +377,8 @@ class RunController:
         bool
             Whether every worker has stopped.
         """
-        for signal in (
-            self.status_changed,
-            self.step_shown,
-            self.run_finished,
-            self.roi_layer_added,
-            self.committed,
-        ):
+        signals = (self.status_changed, self.step_shown, self.run_finished, self.roi_layer_added)
+        for signal in (*signals, self.committed):
             signal.disconnect()
         self.queue.clear()
         runs = [run for run in (self._run, *self._stopping) if run is not None]
@@ -488,22 +482,8 @@ class RunController:
         self._push(run, lambda: self._step_shown(run))
 
     def _step_shown(self, run: MagnifyRun) -> None:
-        """After a step's layers: the ROI layers above every attention overlay (a deeper
-        layer's maps cover its parents' boxes) in lineage order — kept reviewed layers lowest,
-        then L1 … Lk, so a layer added beside reused deeper ones does not land on top of them —
-        the user's drawing layers on top, progress."""
-        layers = self.viewer.layers
-        overlays = layers_of(self.viewer, run.slide_path, kinds=("attention",))
-        top = max((layers.index(layer) for layer in overlays), default=-1)
-        rois = sorted(layers_of(self.viewer, run.slide_path, kinds=("rois",)), key=layers.index)
-        wanted = sorted(rois, key=_roi_stack_key(layers))
-        if wanted != rois or any(layers.index(layer) < top for layer in rois):
-            for layer in wanted:  # bottom to top
-                layers.move(layers.index(layer), len(layers))
-        for layer in layers_of(self.viewer, run.slide_path, kinds=("annotations",)):
-            i = layers.index(layer)
-            if i != len(layers) - 1:
-                layers.move(i, len(layers))
+        """After a step's layers: restack the slide's layers (:func:`.stack_run_layers`)."""
+        stack_run_layers(self.viewer, run.slide_path)
         run.shown += 1
         self._shown = run.shown
         self._set_state()
@@ -595,17 +575,8 @@ class RunController:
         self.queue.push(lambda: self._rename(run))
         self.last_runs[run.slide_path] = run
         if run.kept:
-            self._announce_kept(run)
+            announce_kept(run.kept, run.slide_layer.name)
         self.committed.emit(run)
-
-    def _announce_kept(self, run: MagnifyRun) -> None:
-        from napari.utils.notifications import show_info
-
-        names = ", ".join(f"'{layer.name}'" for layer, _ in run.kept)
-        show_info(
-            f"napari-magnet: your reviews of the previous run on {run.slide_layer.name} are "
-            f"kept in {names}; the new run's ROIs are in new layers"
-        )
 
     def _show_coverage(self, run: MagnifyRun) -> None:
         """Update the previous coverage layer (hidden or shown as the user left it) with the
@@ -625,15 +596,3 @@ class RunController:
         for layer in run.layers:
             if layer in self.viewer.layers:
                 layer.name = base_name(layer.name)
-
-
-def _roi_stack_key(layers: Any) -> Any:
-    """Sort key of ROI layers from bottom to top: kept reviewed layers (in their order), then
-    the rest by magnifying layer, ties in their order."""
-
-    def key(layer: Any) -> tuple:
-        info = layer_info(layer)
-        depth = info.get("layer") if isinstance(info.get("layer"), int) else 0
-        return (not is_kept(layer), 0 if is_kept(layer) else depth, layers.index(layer))
-
-    return key
