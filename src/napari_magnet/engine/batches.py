@@ -17,12 +17,25 @@ import torch
 
 from .frames import slide_frame
 
-__all__ = ["RecordBatch", "SlideBatch", "amp_dtype", "uint8_to_float"]
+__all__ = ["RecordBatch", "SlideBatch", "amp_dtype", "optimizer_step", "uint8_to_float"]
 
 
 def uint8_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images → float in ``[0, 1]`` on ``device``."""
     return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def optimizer_step(optimizers: Any, loss: torch.Tensor, scaler: Any, schedule: Any) -> None:
+    """One training step's update: zero every optimizer (a mapping's values, or a sequence),
+    back-propagate ``loss`` through the gradient ``scaler``, step each, then ``schedule``."""
+    optimizers = list(optimizers.values() if hasattr(optimizers, "values") else optimizers)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    schedule.step()
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...engine.batches import SlideBatch, amp_dtype, uint8_to_float
+from ...engine.batches import SlideBatch, amp_dtype, optimizer_step, uint8_to_float
 from ..family import TrainOption
 from .estimators import EMABaseline, make_attention_optimizer, reinforce_attention_loss
 from .reads import SlideReads
@@ -172,13 +172,7 @@ class ATSTask:
 
     def backward_step(self, loss, scaler, schedule) -> None:
         """Zero both optimizers, back-propagate ``loss`` through ``scaler``, step both."""
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for opt in self.optimizers.values():
-            scaler.step(opt)
-        scaler.update()
-        schedule.step()
+        optimizer_step(self.optimizers, loss, scaler, schedule)
 
     def extra_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the REINFORCE baseline."""

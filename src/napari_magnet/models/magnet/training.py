@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...engine.batches import SlideBatch, amp_dtype, uint8_to_float
+from ...engine.batches import SlideBatch, amp_dtype, optimizer_step, uint8_to_float
 from ...engine.frames import chain_frames, clip_boxes
 
 __all__ = ["PAPER_LR", "MagNetTask"]
@@ -81,12 +81,7 @@ class MagNetTask:
         return loss, {k: parts[k] for k in self.parts}, out.probability.detach().float().cpu()
 
     def backward_step(self, loss, scaler, schedule) -> None:
-        opt = self.optimizers["adam"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        schedule.step()
+        optimizer_step(self.optimizers, loss, scaler, schedule)
 
     def extra_state(self) -> dict[str, Any]:
         return {}

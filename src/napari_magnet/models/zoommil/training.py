@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...engine.batches import optimizer_step
 from ..family import TrainOption
 from .model import encoder_mismatch
 
@@ -312,12 +313,7 @@ class ZoomMILTask:
 
     def backward_step(self, loss, scaler, schedule) -> None:
         """Zero, back-propagate (through ``scaler``), step Adam; count the step."""
-        opt = self.optimizers["adam"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        schedule.step()
+        optimizer_step(self.optimizers, loss, scaler, schedule)
 
     def end_epoch(self, metrics: dict[str, Any]) -> None:
         """The plateau rule on the epoch's validation loss (training loss without one)."""
