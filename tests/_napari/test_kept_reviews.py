@@ -21,7 +21,8 @@ from napari_magnet._napari.layers import layer_info, layer_kind
 from napari_magnet._napari.widget import demo_available
 from napari_magnet.io.geojson import PROPERTIES_KEY
 
-RUN_TIMEOUT = 240_000  # ms
+from .helpers import RUN_TIMEOUT, run_and_wait
+
 MODEL = "demo" if demo_available() else "magnet3-lite"
 
 
@@ -36,10 +37,7 @@ def rois(viewer, kept=False):
 
 
 def run(qtbot, widget):
-    widget.set_model(MODEL)
-    widget.set_device("cpu")
-    assert widget.run_magnify() is not None
-    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+    run_and_wait(qtbot, widget, MODEL)
 
 
 def decisions(layer):

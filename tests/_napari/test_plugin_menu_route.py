@@ -13,6 +13,8 @@ from napari_magnet._napari.annotations import sidecar_path
 from napari_magnet._napari.layers import layer_info, layer_kind
 from napari_magnet.io.geojson import PROPERTIES_KEY
 
+from .helpers import ours, run_and_wait
+
 RUN_TIMEOUT = 180_000
 
 
@@ -30,15 +32,8 @@ def docked(make_napari_viewer, qtbot, slide_copy, tmp_path, monkeypatch):
     return viewer, widget, slide
 
 
-def ours(viewer, kind):
-    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
-
-
 def run(qtbot, widget, model):
-    widget.set_model(model)
-    widget.set_device("cpu")
-    assert widget.run_magnify() is not None
-    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
+    run_and_wait(qtbot, widget, model, timeout=RUN_TIMEOUT)
     qtbot.wait(1500)  # queued layer operations (removals come a turn later)
 
 

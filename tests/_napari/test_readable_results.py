@@ -21,7 +21,7 @@ from napari_magnet.engine.types import MagnifyStep
 from napari_magnet.io.colors import class_color
 from napari_magnet.io.rois import RoiTable
 
-RUN_TIMEOUT = 240_000
+from .helpers import RUN_TIMEOUT, hover, ours
 
 
 def camera(viewer):
@@ -32,10 +32,6 @@ def camera(viewer):
 def text_overlay(viewer):
     overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
     return overlays["text"] if overlays is not None and "text" in overlays else viewer.text_overlay
-
-
-def ours(viewer, kind):
-    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
 
 
 def shot(viewer, qtbot):
@@ -235,27 +231,18 @@ def test_roi_labels_do_not_pile_up_and_hover_describes_the_roi(setup, qtbot):
     assert shown(layers[1]) == [True, True]
 
     # hover: through napari's own mouse-move dispatch, with the Annotations layer active
-    from napari.utils.interactions import mouse_move_callbacks
-
-    class Move:
-        def __init__(self, position):
-            self.position = position
-            self.type = "mouse_move"
-            self.is_dragging = False
-            self.modifiers = []
-            self.handled = False
 
     layers[2].visible = True
     (annotations,) = ours(viewer, "annotations")
     viewer.layers.selection.active = annotations
     own_help = annotations.help
-    mouse_move_callbacks(viewer, Move((2003 * mpp[1], 483 * mpp[0])))
+    hover(viewer, (2003 * mpp[1], 483 * mpp[0]))
     assert annotations.help == (
         "ROI 1.2.3 · layer 3 · attention mass 0.12 · pyramid level 0 · p = 0.51 · aux p = 0.61"
     )
-    mouse_move_callbacks(viewer, Move((1500 * mpp[1], 1000 * mpp[0])))
+    hover(viewer, (1500 * mpp[1], 1000 * mpp[0]))
     assert annotations.help.startswith("ROI 1.1 · layer 2")
-    mouse_move_callbacks(viewer, Move((10.0, 10.0)))
+    hover(viewer, (10.0, 10.0))
     assert annotations.help == own_help
     # the run's probability, once its result is in, shows too; the labels stay laid out
     before = shown(layers[2])

@@ -17,18 +17,7 @@ from napari_magnet._napari.widget import (
     model_choices,
 )
 
-RUN_TIMEOUT = 240_000  # ms: a cold first run imports torchvision and builds the model
-
-
-def run_and_wait(qtbot, widget, model="magnet3-lite", device="cpu"):
-    widget.set_model(model)
-    widget.set_device(device)
-    assert widget.run_magnify() is not None
-    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
-
-
-def ours(viewer, kind):
-    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
+from .helpers import RUN_TIMEOUT, ours, run_and_wait
 
 
 def inside(inner, outer, tol=1e-6):

@@ -19,10 +19,7 @@ from napari_magnet.io.results import export_run
 from napari_magnet.io.rois import RoiTable
 
 from ..io.samples import step
-
-
-def ours(viewer, kind):
-    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
+from .helpers import ours
 
 
 def world_vertices(layer):

@@ -16,12 +16,13 @@ import shutil
 import numpy as np
 import pytest
 
-from napari_magnet._napari.layers import layer_info, layer_kind
+from napari_magnet._napari.layers import layer_info
 from napari_magnet._napari.widget import add_magnify_widget
 from napari_magnet.models.zoommil import ZOOMMIL_CONFIGS
 from napari_magnet.models.zoommil.magnify import LAST_STEP_PATCHES
 
-RUN_TIMEOUT = 240_000  # ms: a cold first run imports torchvision and builds the model
+from .helpers import RUN_TIMEOUT, hover, ours, run_and_wait
+
 SIDE, MPP = 4096, 0.5
 SHOT = "/tmp/zoommil-shot.png"
 #: RGB distance within which a canvas pixel counts as an ROI edge colour (see outline_contrast)
@@ -56,17 +57,6 @@ def zoom_setup(make_napari_viewer, qtbot, lesion_slide, tmp_path, monkeypatch):
     (slide,) = viewer.open(str(target), plugin="napari-magnet")
     qtbot.waitUntil(lambda: bool(ours(viewer, "annotations")), timeout=10_000)
     return viewer, widget, slide
-
-
-def ours(viewer, kind):
-    return [lyr for lyr in viewer.layers if layer_kind(lyr) == kind]
-
-
-def run_and_wait(qtbot, widget, model):
-    widget.set_model(model)
-    widget.set_device("cpu")
-    assert widget.run_magnify() is not None
-    qtbot.waitUntil(lambda: not widget.is_running, timeout=RUN_TIMEOUT)
 
 
 def inside(inner, outer, tol=1e-3):
@@ -249,25 +239,16 @@ def test_zoommil_run_nests_three_layers_on_the_slide(zoom_setup, qtbot):
     assert widget.progress.value() == widget.progress.maximum() == 3
 
     # hovering the centre of a layer-3 ROI describes it (napari's own mouse-move dispatch)
-    from napari.utils.interactions import mouse_move_callbacks
-
-    class Move:
-        def __init__(self, position):
-            self.position = position
-            self.type = "mouse_move"
-            self.is_dragging = False
-            self.modifiers = []
-            self.handled = False
 
     (annotations,) = ours(viewer, "annotations")
     viewer.layers.selection.active = annotations
     own_help = annotations.help
     for rect, rid in zip(rois[2].data, rois[2].features["id"]):
-        mouse_move_callbacks(viewer, Move(tuple(np.asarray(rect).mean(axis=0))))
-        hover = annotations.help
-        assert hover.startswith(f"ROI {rid} · layer 3 · attention mass "), hover
-        assert f"p = {run.result.probability:.2f}" in hover
-    mouse_move_callbacks(viewer, Move((-50.0, -50.0)))
+        hover(viewer, tuple(np.asarray(rect).mean(axis=0)))
+        said = annotations.help
+        assert said.startswith(f"ROI {rid} · layer 3 · attention mass "), said
+        assert f"p = {run.result.probability:.2f}" in said
+    hover(viewer, (-50.0, -50.0))
     assert annotations.help == own_help
 
     # a second Magnify replaces the first run's layers: no duplicates, all of the new run
