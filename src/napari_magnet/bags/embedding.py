@@ -3,7 +3,8 @@
 Patches are read through the slide's pyramid by :class:`~napari_magnet.engine.regions.
 RegionReader` — each from the level the grid chose, on worker threads, resampled with
 ``roi_align`` on the device — one batch ahead of the encoder (a reading thread overlaps the
-next batch's decoding with the current batch's forward pass). Output pixels whose centre lies
+next batch's decoding with the current batch's forward pass); on CUDA the JPEG tiles are
+decoded on the GPU (:mod:`napari_magnet.engine.tile_decode`). Output pixels whose centre lies
 past the slide's edge take the slide's background colour, as :func:`.pixels.read_patch`
 gives them. On CUDA the encoder runs under bf16 autocast. The features of every
 magnification are added to the bag file with :func:`.bagfile.add_features` (atomic: a killed
@@ -239,6 +240,7 @@ def embed_bag(
     overwrite: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    decode: str = "auto",
 ) -> EmbedOutcome:
     """Embed every magnification of one bag file; a failure is returned, not raised.
 
@@ -267,6 +269,9 @@ def embed_bag(
         Reading threads (default: CPU count, at most 8).
     progress : callable, optional
         ``progress(done, total)`` patches, after each batch.
+    decode : {"auto", "host", "device"}
+        Where JPEG tiles are decoded (:class:`~napari_magnet.engine.regions.RegionReader`):
+        ``"auto"`` on the device when it is a GPU.
 
     Returns
     -------
@@ -300,7 +305,7 @@ def embed_bag(
         done = 0
         features = {}
         try:
-            with RegionReader(the_slide, workers=workers, device=device) as reader:
+            with RegionReader(the_slide, workers=workers, device=device, decode=decode) as reader:
                 for level in bag.levels:
 
                     def report(n: int, base: int = done) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from ..slide import Slide
+from .tile_decode import DeviceTileDecoder, device_decoding_available
 
 
 @dataclass
@@ -71,6 +73,11 @@ class RegionReader:
     device : torch.device or str
         Where regions are resampled and returned; on a GPU only the decoded window crosses
         the bus, once.
+    decode : {"auto", "host", "device"}
+        Where JPEG tiles are decoded: ``"host"`` on the CPU threads (through the slide's
+        chunk cache), ``"device"`` by torchvision on the device the regions go to (levels
+        stored as JPEG tiles only, see :mod:`.tile_decode`), ``"auto"`` on the device when
+        it is a GPU.
     """
 
     def __init__(
@@ -79,18 +86,34 @@ class RegionReader:
         rule: str = "enough",
         workers: int | None = None,
         device: torch.device | str = "cpu",
+        decode: str = "auto",
     ) -> None:
+        if decode not in ("auto", "host", "device"):
+            raise ValueError(f"decode must be 'auto', 'host' or 'device', got {decode!r}")
         self.slide = slide
         self.device = torch.device(device)
         self.rule = rule
+        self.decode = decode
+        self._decoders: dict[torch.device, DeviceTileDecoder] = {}
         slide.geometry.choose_level(1, 1, 1, rule=rule)  # validates the rule name
         self.workers = workers or min(os.cpu_count() or 1, 8)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="napari-magnet-read")
         self.pixels_read = 0
 
     def close(self) -> None:
-        """Stop the reading threads."""
+        """Stop the reading threads and drop the tiles decoded on the device."""
         self._pool.shutdown(wait=True)
+        self._decoders.clear()
+
+    def _decodes_on(self, device: torch.device) -> bool:
+        if self.decode == "auto":
+            return device_decoding_available(device)
+        return self.decode == "device"
+
+    def _decoder(self, device: torch.device) -> DeviceTileDecoder:
+        if device not in self._decoders:
+            self._decoders[device] = DeviceTileDecoder(self.slide, device)
+        return self._decoders[device]
 
     def __enter__(self) -> RegionReader:
         return self
@@ -126,9 +149,27 @@ class RegionReader:
         if visible is None:
             visible = frames
         visible = np.asarray(visible, dtype=np.float64).reshape(-1, 4)
+        plans = [self._plan(frames[i], visible[i], size) for i in range(len(frames))]
+        windows: list = [None] * len(plans)
+        if self._decodes_on(device):
+            requests = [
+                None if p is None or p.pixels[2] <= p.pixels[0] else (p.level, *p.window)
+                for p in plans
+            ]
+            try:
+                windows = self._decoder(device).windows(requests)
+            except RuntimeError as error:  # torchvision's decoder refused a tile
+                warnings.warn(
+                    f"decoding JPEG tiles on {device} failed ({error}); this reader decodes "
+                    "on the CPU from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.decode = "host"
+                self._decoders.clear()
         results = list(
             self._pool.map(
-                lambda i: self._read_one(frames[i], visible[i], size, device), range(len(frames))
+                lambda i: self._render(plans[i], windows[i], size, device), range(len(plans))
             )
         )
         if results:
@@ -140,15 +181,13 @@ class RegionReader:
         self.pixels_read += pixels
         return RegionBatch(images, levels, pixels)
 
-    def _read_one(
-        self, frame: np.ndarray, visible: np.ndarray, size: int, device: torch.device
-    ) -> tuple[torch.Tensor, int, int]:
+    def _plan(self, frame: np.ndarray, visible: np.ndarray, size: int) -> _Plan | None:
+        """Where a frame's visible output pixels come from, or None when it has none."""
         slide = self.slide
         geometry = slide.geometry
-        out = torch.zeros((3, size, size), dtype=torch.uint8, device=device)
         fw, fh = frame[2] - frame[0], frame[3] - frame[1]
         if fw <= 0 or fh <= 0:
-            return out, 0, 0
+            return None
         level = geometry.choose_level(fw, fh, size, rule=self.rule)
         width0, height0 = slide.dimensions
         vx0, vy0 = max(visible[0], 0.0), max(visible[1], 0.0)
@@ -160,7 +199,7 @@ class RegionReader:
         j0 = max(math.ceil((vy0 - frame[1]) / step_y - 0.5), 0)
         j1 = min(math.floor((vy1 - frame[1]) / step_y - 0.5) + 1, size)
         if i1 <= i0 or j1 <= j0:
-            return out, level, 0
+            return _Plan(level, (0, 0, 0, 0), (0, 0, 0, 0), (0.0, 0.0, 0.0, 0.0))
         # Level-0 extent of those output pixels, then the level window that covers it.
         bx0, bx1 = frame[0] + i0 * step_x, frame[0] + i1 * step_x
         by0, by1 = frame[1] + j0 * step_y, frame[1] + j1 * step_y
@@ -170,52 +209,81 @@ class RegionReader:
         wy0 = min(max(math.floor(by0 / scale_y), 0), lh - 1)
         wx1 = max(min(math.ceil(bx1 / scale_x), lw), wx0 + 1)
         wy1 = max(min(math.ceil(by1 / scale_y), lh), wy0 + 1)
-        window = slide.read_level(level, wx0, wy0, wx1 - wx0, wy1 - wy0)
+        box = (bx0 / scale_x - wx0, by0 / scale_y - wy0, bx1 / scale_x - wx0, by1 / scale_y - wy0)
+        return _Plan(level, (i0, j0, i1, j1), (wx0, wy0, wx1 - wx0, wy1 - wy0), box)
+
+    def _render(
+        self, plan: _Plan | None, window, size: int, device: torch.device
+    ) -> tuple[torch.Tensor, int, int]:
+        """One region from its plan and its window: ``(H, W, 3)`` numpy, ``(3, H, W)``
+        tensor on ``device``, or None to read it on the host here."""
+        out = torch.zeros((3, size, size), dtype=torch.uint8, device=device)
+        if plan is None:
+            return out, 0, 0
+        level, (i0, j0, i1, j1) = plan.level, plan.pixels
+        if i1 <= i0:
+            return out, level, 0
+        if window is None:
+            window = self.slide.read_level(level, *plan.window)
+        if isinstance(window, np.ndarray):
+            wh, ww = window.shape[:2]
+        else:
+            wh, ww = window.shape[1:]
+        box = plan.box
         # Area-average by the integer part of the downscale first: roi_align then needs at
         # most 2 x 2 samples per output pixel instead of thousands on single-level slides.
-        factor = max(
-            int(min((bx1 - bx0) / scale_x / (i1 - i0), (by1 - by0) / scale_y / (j1 - j0))), 1
-        )
-        corners = (
-            (bx0 / scale_x - wx0) / factor,
-            (by0 / scale_y - wy0) / factor,
-            (bx1 / scale_x - wx0) / factor,
-            (by1 / scale_y - wy0) / factor,
-        )
-        wh, ww = window.shape[:2]
+        factor = max(int(min((box[2] - box[0]) / (i1 - i0), (box[3] - box[1]) / (j1 - j0))), 1)
+        corners = tuple(c / factor for c in box)
         limits = (math.ceil(ww / factor), math.ceil(wh / factor))
         grid = _pixel_grid(corners, i1 - i0, j1 - j0, limits)
+        read = ww * wh * 3
         with torch.inference_mode():
-            if grid is not None and factor == 1:  # the window's own pixels: no arithmetic
+            if isinstance(window, np.ndarray):
+                if grid is not None and factor == 1:  # the window's own pixels: no arithmetic
+                    gx0, gy0, gx1, gy1 = grid
+                    crop = torch.from_numpy(np.ascontiguousarray(window[gy0:gy1, gx0:gx1]))
+                    out[:, j0:j1, i0:i1] = crop.to(device, non_blocking=True).permute(2, 0, 1)
+                    return out, level, read
+                if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
+                    window = window.copy()
+                window = torch.from_numpy(window).to(device, non_blocking=True).permute(2, 0, 1)
+            elif grid is not None and factor == 1:
                 gx0, gy0, gx1, gy1 = grid
-                crop = torch.from_numpy(np.ascontiguousarray(window[gy0:gy1, gx0:gx1]))
-                out[:, j0:j1, i0:i1] = crop.to(device, non_blocking=True).permute(2, 0, 1)
-                return out, level, window.size
-            if not window.flags.writeable:  # a cached chunk: torch wants a writable buffer
-                window = window.copy()
-            source = torch.from_numpy(window).to(device, non_blocking=True)
-            source = source.permute(2, 0, 1)[None].float().contiguous()
+                out[:, j0:j1, i0:i1] = window[:, gy0:gy1, gx0:gx1]
+                return out, level, read
+            source = window[None].float().contiguous()
             if factor > 1:
                 source = F.avg_pool2d(source, factor, ceil_mode=True)
             if grid is not None:  # the pooled pixels are the output's
                 gx0, gy0, gx1, gy1 = grid
                 crop = source[0, :, gy0:gy1, gx0:gx1]
                 out[:, j0:j1, i0:i1] = crop.round_().clamp_(0, 255).to(torch.uint8)
-                return out, level, window.size
-            box = torch.tensor([[0.0, *corners]], dtype=torch.float32)
+                return out, level, read
+            roi = torch.tensor([[0.0, *corners]], dtype=torch.float32)
             ratio = max(
                 (corners[2] - corners[0]) / (i1 - i0), (corners[3] - corners[1]) / (j1 - j0)
             )
             resampled = roi_align(
                 source,
-                box.to(device),
+                roi.to(device),
                 output_size=(j1 - j0, i1 - i0),
                 spatial_scale=1.0,
                 sampling_ratio=_samples_per_side(ratio),
                 aligned=True,
             )
             out[:, j0:j1, i0:i1] = resampled[0].round_().clamp_(0, 255).to(torch.uint8)
-        return out, level, window.size
+        return out, level, read
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A region's source: its level, the output pixels it fills ``(i0, j0, i1, j1)``, the
+    level window ``(x, y, w, h)`` read, and their box in window pixels (fractional)."""
+
+    level: int
+    pixels: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+    box: tuple[float, float, float, float]
 
 
 def _pixel_grid(

@@ -136,7 +136,7 @@ class TiffTileBackend:
                 (page.tilewidth, page.tilelength) if page is not None else (0, 0)
                 for page in (self.pages.get(lv) for lv in range(len(level_dimensions)))
             )
-            self._fd = os.open(str(path), os.O_RDONLY)
+            self.fd = os.open(str(path), os.O_RDONLY)
         except Exception:
             self._tif.close()
             raise
@@ -146,7 +146,7 @@ class TiffTileBackend:
         count = page.databytecounts[index]
         if count == 0:
             return None
-        data = os.pread(self._fd, count, page.dataoffsets[index])
+        data = os.pread(self.fd, count, page.dataoffsets[index])
         try:
             tile, _, _ = page.decode(
                 data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader
@@ -191,4 +191,4 @@ class TiffTileBackend:
 
     def close(self) -> None:
         self._tif.close()
-        os.close(self._fd)
+        os.close(self.fd)

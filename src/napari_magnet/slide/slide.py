@@ -15,6 +15,7 @@ from .backends import PixelBackend, choose_backend, composite_on_background, lev
 from .cache import ChunkCache, default_cache_bytes
 from .errors import SlideError
 from .geometry import SlideGeometry
+from .jpeg_tiles import JpegTileLevel, jpeg_tile_level
 from .pyramid import LevelReader, chunk_size, level_arrays, unit_size
 
 SLIDE_SUFFIXES = (
@@ -246,6 +247,13 @@ class Slide:
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = reader.window(x0, y0, x1 - x0, y1 - y0)
         return out
+
+    def jpeg_tiles(self, level: int) -> JpegTileLevel | None:
+        """``level``'s stored JPEG tiles as stand-alone streams (for a GPU decoder), or None
+        when the level is not read directly from JPEG tiles (see :mod:`.jpeg_tiles`)."""
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} does not exist; the slide has {self.level_count}")
+        return jpeg_tile_level(self._readers[level].backend, level)
 
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
