@@ -91,7 +91,8 @@ def test_regions_on_whole_pixels_are_cropped_to_the_values_roi_align_gives(
     slide_fixture, request, monkeypatch
 ):
     """Patches on a level's own grid (1:1, or an integer area-average) skip the resampling;
-    the values are roi_align's exactly, at the slide's edge and inside it."""
+    the values are roi_align's exactly, at the slide's edge and inside it. A patch off the
+    grid by a fraction of a pixel takes the nearest pixels."""
     import napari_magnet.engine.regions as regions
 
     path = request.getfixturevalue(slide_fixture)
@@ -102,7 +103,6 @@ def test_regions_on_whole_pixels_are_cropped_to_the_values_roi_align_gives(
             [128.0, 256.0, 256.0, 384.0],  # 2:1 at level 0 (or 1:1 higher up)
             [96.0, 32.0, 352.0, 288.0],  # 4:1
             [width - 64.0, height - 64.0, width + 64.0, height + 64.0],  # past the corner
-            [10.5, 20.25, 74.5, 84.25],  # off the grid: resampled
             [300.0, 400.0, 492.0, 592.0],  # 3:1
         ]
         frames = np.asarray(frames)
@@ -110,19 +110,32 @@ def test_regions_on_whole_pixels_are_cropped_to_the_values_roi_align_gives(
         for size in (64, 32):
             with RegionReader(slide, workers=1) as reader:
                 crops.append(reader.read(frames, size).images)
-        monkeypatch.setattr(regions, "_pixel_grid", lambda *args: None)
+                # off the grid by a fraction of a pixel: each output pixel's nearest one
+                (off,) = reader.read(np.array([[10.5, 20.25, 74.5, 84.25]]), 64).images
+                np.testing.assert_array_equal(off, slide.read_level(0, 11, 20, 64, 64))
+        monkeypatch.setattr(regions, "_source_pixels", lambda *args: None)
         for size, fast in zip((64, 32), crops):
             with RegionReader(slide, workers=1) as reader:
                 np.testing.assert_array_equal(fast, reader.read(frames, size).images)
 
 
-def test_the_pixel_grid_of_a_box(monkeypatch):
-    from napari_magnet.engine.regions import _pixel_grid
+def test_the_source_pixels_of_a_box():
+    from napari_magnet.engine.regions import _source_pixels
 
-    assert _pixel_grid((2.0, 3.0, 66.0, 67.0), 64, 64, (100, 100)) == (2, 3, 66, 67)
-    assert _pixel_grid((2.5, 3.0, 66.5, 67.0), 64, 64, (100, 100)) is None  # off the grid
-    assert _pixel_grid((2.0, 3.0, 66.0, 67.0), 32, 32, (100, 100)) is None  # resampled
-    assert _pixel_grid((40.0, 3.0, 104.0, 67.0), 64, 64, (100, 100)) is None  # past the source
+    pick = _source_pixels((2.0, 3.0, 66.0, 67.0), 64, 64, (100, 100))
+    assert pick == (slice(2, 66), slice(3, 67))  # whole pixels: a crop
+    assert _source_pixels((2.5, 3.0, 66.5, 67.0), 64, 64, (100, 100)) == (
+        slice(3, 67),  # half a pixel off: the nearest pixels
+        slice(3, 67),
+    )
+    assert _source_pixels((2.0, 3.0, 66.0, 67.0), 32, 32, (100, 100)) is None  # resampled
+    assert _source_pixels((40.0, 3.0, 104.0, 67.0), 64, 64, (100, 100)) is None  # past the source
+    # 64.9 pixels for 64 outputs: within one pixel of drift, one column repeated... skipped
+    columns, rows = _source_pixels((0.0, 0.0, 64.9, 64.0), 64, 64, (100, 100))
+    assert rows == slice(0, 64) and isinstance(columns, np.ndarray)
+    assert len(columns) == 64 and columns[0] == 0 and columns[-1] == 64
+    assert set(np.diff(columns)) == {1, 2}  # one source column skipped, none repeated
+    assert _source_pixels((0.0, 0.0, 65.1, 64.0), 64, 64, (100, 100)) is None  # 1.1 px drift
 
 
 def test_near_one_downscales_take_one_sample_per_pixel(cmu_path):
@@ -137,12 +150,15 @@ def test_near_one_downscales_take_one_sample_per_pixel(cmu_path):
         2,
         4,
     ]
-    # a 224-px patch at 0.5 µm/px of this 0.499 µm/px slide, on tissue: one bilinear sample
-    # per pixel lands within a fiftieth of a pixel of the source's near the origin, so the
-    # patch is the crop there (2 x 2 samples blurred it over half a pixel: ~5 grey levels off)
+    # a 224-px patch at 0.5 µm/px of this 0.499 µm/px slide, on tissue, spans 224.4 pixels:
+    # within a pixel of drift, so it is the slide's own pixels (2 x 2 samples blurred it over
+    # half a pixel: ~5 grey levels off); 230 pixels for 224 are resampled, one sample each
     with open_slide(cmu_path) as slide, RegionReader(slide, workers=1) as reader:
         frame = np.array([[1000.0, 1500.0, 1000.0 + 224.4, 1500.0 + 224.4]])
         patch = reader.read(frame, 224).images[0].astype(float)
         crop = slide.read_region((1000, 1500), 0, (224, 224)).astype(float)
+        wider = np.array([[1000.0, 1500.0, 1000.0 + 230.0, 1500.0 + 230.0]])
+        resampled = reader.read(wider, 224).images[0].astype(float)
     assert crop[:32, :32].std() > 20  # tissue, not glass
-    assert np.abs(patch - crop)[:32, :32].mean() < 2  # the drift grows to 0.4 px at the far side
+    np.testing.assert_array_equal(patch, crop)
+    assert not np.array_equal(resampled, crop)  # 6 pixels of drift: resampled
