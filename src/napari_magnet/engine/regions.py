@@ -9,7 +9,9 @@ box is that frame clipped to the parent's visible box.
 Each region is read from the pyramid level the rule picks, on a thread pool (decoders release
 the GIL), then resampled onto the output grid with torchvision's ``roi_align`` (exact box
 geometry, area-averaging when downscaling). A region that falls on whole pixels of the level
-(after an integer area-average) is cropped instead: the same values, without resampling.
+(after an integer area-average) is cropped instead: the same values, without resampling; one
+within a pixel of drift of whole pixels takes the nearest ones (see :func:`_source_pixels`).
+On CUDA, levels stored as JPEG tiles are decoded on the GPU (:mod:`.tile_decode`).
 """
 
 from __future__ import annotations
