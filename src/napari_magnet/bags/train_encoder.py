@@ -10,12 +10,14 @@ name order (a cohort still being generated).
 
 Patches of 64 pixels are sampled at 8, 4, 2 and 1 µm per pixel from every slide of a cohort
 made by ``napari-magnet synth`` and read through the pyramid as :mod:`.pixels` reads a bag's
-patches. Each is labelled from the slide's ground truth: *lesion* when at least half of it
-lies inside tumour lesions, *normal* when none of it does and at least half of it is tissue,
-*glass* when less than 5 % of it is tissue (the tissue rule of :mod:`.tissue`, applied to the
-patch's own pixels); the rest are not used. Candidates are drawn uniformly over the slide and
-around every lesion and look-alike distractor, so the network also sees dense normal tissue
-that is coloured like tumour.
+patches. Each is labelled from the slide's ground truth: *lesion* when at least
+``lesion_min`` of it lies inside tumour lesions (so that a coarse patch which holds a small
+lesion can count as a lesion patch), *normal* when none of it does and at least half of it is
+tissue, *glass* when less than 5 % of it is tissue (the tissue rule of :mod:`.tissue`, applied
+to the patch's own pixels); the rest are not used. Candidates are drawn uniformly over the
+slide and around every lesion and look-alike distractor (centred in its box, and as many
+again placed so that the box's centre falls anywhere in the patch), so the network sees
+lesions away from a patch's centre and dense normal tissue that is coloured like tumour.
 
 The lesions' outlines are not in the sidecar (only their boxes): they are laid out again from
 the slide's seed with :mod:`napari_magnet.synth.layout`, and a slide whose re-laid boxes do
@@ -74,7 +76,12 @@ CLASSES: tuple[str, ...] = ("glass", "normal", "lesion")
 #: Target µm per pixel the patches are sampled at.
 MPPS: tuple[float, ...] = (8.0, 4.0, 2.0, 1.0)
 PATCH = 64
-_GRID = 8  # lesion-membership samples per patch side
+_GRID = 32  # lesion-membership samples per patch side
+#: Default share of a patch inside lesions that makes it a *lesion* patch: 2 %, so that at
+#: 8 µm/px a patch holding a lesion of 0.1 mm (about 12 px of 64) is one. With half the patch
+#: (the rule before) the encoder learned to call such coarse patches normal, and a model
+#: choosing where to zoom from them missed most isolated tumour cells.
+LESION_MIN = 0.02
 
 
 class PatchSet:
@@ -147,7 +154,7 @@ def lesion_fields(info: SyntheticSlideInfo) -> tuple[list, bool]:
 
 
 def _lesion_fraction(outlines: list, x: float, y: float, extent: float) -> float:
-    """Share of a patch's sample points (an 8 × 8 grid) inside any tumour lesion."""
+    """Share of a patch's sample points (a 32 × 32 grid) inside any tumour lesion."""
     pts = x + (np.arange(_GRID) + 0.5) * extent / _GRID
     qts = y + (np.arange(_GRID) + 0.5) * extent / _GRID
     inside = np.zeros((_GRID, _GRID), bool)
@@ -166,7 +173,8 @@ def _lesion_fraction(outlines: list, x: float, y: float, extent: float) -> float
 def _candidates(
     rng: np.random.Generator, info: SyntheticSlideInfo, extent: float, per_box: int, uniform: int
 ) -> np.ndarray:
-    """``(n, 2)`` level-0 top-left corners: uniform ones, and ones centred in lesion boxes."""
+    """``(n, 2)`` level-0 top-left corners: uniform ones, and per lesion box ones centred in
+    it and as many again that hold the box's centre anywhere in the patch."""
     w, h = info.width, info.height
     xy = [rng.uniform((0, 0), (max(w - extent, 1), max(h - extent, 1)), size=(uniform, 2))]
     for lesion in info.lesions:
@@ -174,6 +182,8 @@ def _candidates(
         n = per_box if lesion.is_tumour else max(1, per_box // 2)
         centres = rng.uniform((x0, y0), (x1, y1), size=(n, 2))
         xy.append(centres - extent / 2)
+        middle = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
+        xy.append(middle - rng.uniform(0.0, extent, size=(n, 2)))
     corners = np.concatenate(xy)
     corners[:, 0] = np.clip(corners[:, 0], 0, max(w - extent, 0))
     corners[:, 1] = np.clip(corners[:, 1], 0, max(h - extent, 0))
@@ -187,6 +197,7 @@ def sample_slide_patches(
     mpps: Sequence[float] = MPPS,
     per_box: int = 8,
     uniform: int = 8,
+    lesion_min: float = LESION_MIN,
     slide_index: int = 0,
 ) -> PatchSet:
     """Labelled 64-px patches of one synthetic slide at several pixel sizes.
@@ -204,6 +215,8 @@ def sample_slide_patches(
         distractor's box).
     uniform : int
         Candidates drawn uniformly over the slide per pixel size.
+    lesion_min : float
+        Share of a patch inside tumour lesions from which it is a *lesion* patch (in (0, 1]).
     slide_index : int
         Stored in :attr:`PatchSet.slides`.
 
@@ -233,7 +246,7 @@ def sample_slide_patches(
                     tissue = tissue_mask(patch, rule.white, rule.black, rule.grey_tolerance)
                     tf = float(tissue.mean())
                     lf = _lesion_fraction(outlines, *corners[i], plan.extent[0])
-                    if lf >= 0.5:
+                    if lf >= lesion_min:
                         label = 2
                     elif lf == 0.0 and tf >= 0.5:
                         label = 1
@@ -314,6 +327,7 @@ def train_encoder(
     held_out: float = 0.15,
     per_box: int = 8,
     uniform: int = 8,
+    lesion_min: float = LESION_MIN,
     provenance: dict | None = None,
     log=print,
 ) -> dict:
@@ -338,6 +352,8 @@ def train_encoder(
         held-out accuracy.
     per_box, uniform : int
         Sampling density, see :func:`sample_slide_patches`.
+    lesion_min : float
+        Labelling rule, see :func:`sample_slide_patches`.
     provenance : dict, optional
         Added to the JSON record (the cohort, the command).
     log : callable
@@ -352,6 +368,8 @@ def train_encoder(
     slides = [Path(s) for s in slides]
     if not slides:
         raise ValueError("no slides to train on")
+    if not 0.0 < float(lesion_min) <= 1.0:
+        raise ValueError(f"lesion_min must lie in (0, 1], not {lesion_min}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE4C]))
     order = rng.permutation(len(slides))
     n_held = 0 if len(slides) < 2 else max(1, int(round(held_out * len(slides))))
@@ -361,7 +379,14 @@ def train_encoder(
     for i, path in enumerate(slides):
         slide_rng = np.random.default_rng(np.random.SeedSequence([int(seed), i]))
         parts.append(
-            sample_slide_patches(path, slide_rng, per_box=per_box, uniform=uniform, slide_index=i)
+            sample_slide_patches(
+                path,
+                slide_rng,
+                per_box=per_box,
+                uniform=uniform,
+                lesion_min=lesion_min,
+                slide_index=i,
+            )
         )
         if (i + 1) % 50 == 0:
             log(f"sampled {i + 1}/{len(slides)} slides, {sum(len(p) for p in parts)} patches")
@@ -445,6 +470,7 @@ def train_encoder(
         "seconds": {"sampling": round(sampling_s, 1), "training": round(train_s, 1)},
         "seed": int(seed),
         "lr": float(lr),
+        "lesion_min": float(lesion_min),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -474,6 +500,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-slides", type=int, default=None, help="use the first N slides")
     parser.add_argument("--per-box", type=int, default=8, help="candidates per lesion box")
     parser.add_argument("--uniform", type=int, default=8, help="uniform candidates per size")
+    parser.add_argument(
+        "--lesion-min",
+        type=float,
+        default=LESION_MIN,
+        help="share of a patch inside lesions that makes it a lesion patch",
+    )
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -508,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         per_box=args.per_box,
         uniform=args.uniform,
+        lesion_min=args.lesion_min,
         provenance={
             "cohort": str(Path(args.slides).resolve()),
             "command": "python -m napari_magnet.bags.train_encoder " + shlex.join(argv),
