@@ -40,6 +40,9 @@ class ZoomMILConfig:
         Dropout after each projection (training only).
     k : tuple of int
         Patches selected per zoom step (``len(mpps) - 1`` entries); fewer when a bag is smaller.
+        The default (12, 2): the public code's K = 12 at the first zoom, then 2, so that a
+        slide embeds about 109 patches, under 1/10 of what ABMIL embeds; (6, 4) chose the
+        patch holding an isolated tumour cell less often (ITC AUROC 0.956 vs 0.996, seed 0).
     sigma : float
         Standard deviation of the Gaussian noise added to the **unnormalised selection scores**
         (not to softmax outputs, whose scale is ≈ 1/N: the noise level here does not depend on
@@ -65,7 +68,7 @@ class ZoomMILConfig:
     hidden: int = 128
     attention_hidden: int = 64
     dropout: float = 0.25
-    k: tuple[int, ...] = (6, 4)
+    k: tuple[int, ...] = (12, 2)
     sigma: float = 0.05
     samples: int = 100
     n_classes: int = 2
