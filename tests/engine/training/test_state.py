@@ -43,6 +43,9 @@ def test_interrupted_run_resumes_without_losing_or_repeating_epochs(cohort_csv, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a suite started in the background of a non-interactive shell ignores SIGINT, and
+        # the child would inherit that: give it the default, as a terminal's process has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
