@@ -155,8 +155,7 @@ class RegionReader:
         windows: list = [None] * len(plans)
         if self._decodes_on(device):
             requests = [
-                None if p is None or p.pixels[2] <= p.pixels[0] else (p.level, *p.window)
-                for p in plans
+                (p.level, *p.window) if p is not None and not p.empty else None for p in plans
             ]
             try:
                 windows = self._decoder(device).windows(requests)
@@ -223,7 +222,7 @@ class RegionReader:
         if plan is None:
             return out, 0, 0
         level, (i0, j0, i1, j1) = plan.level, plan.pixels
-        if i1 <= i0:
+        if plan.empty:
             return out, level, 0
         if window is None:
             window = self.slide.read_level(level, *plan.window)
@@ -283,6 +282,11 @@ class _Plan:
     pixels: tuple[int, int, int, int]
     window: tuple[int, int, int, int]
     box: tuple[float, float, float, float]
+
+    @property
+    def empty(self) -> bool:
+        """Whether no output pixel of the region is visible (nothing to read)."""
+        return self.pixels[2] <= self.pixels[0]
 
 
 #: Source pixels a region may drift by across its width and still be read as the source's own
